@@ -1,0 +1,111 @@
+"""Result files written atomically, so a killed or failing run never leaves a half-written one.
+
+Everything is first written under a hidden temporary name in the destination's own folder
+(``.<name>.partial-<pid>-<token><extensions>``, same file system, so the final rename is atomic)
+and renamed onto the final name only once complete. The extensions are kept at the end of the
+temporary name because writers such as SimpleITK choose the format from them. A process killed
+with SIGKILL can leave a hidden ``.partial`` entry behind, never a truncated file under the final
+name. The guarantee is against the process dying, not against power loss (no fsync).
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import SSPECTError
+
+
+def _hidden_sibling(final: Path, label: str) -> Path:
+    token = f"{os.getpid()}-{secrets.token_hex(4)}"
+    return final.with_name(f".{final.name}.{label}-{token}{''.join(final.suffixes)}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_path(final_path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``final_path``; on success it replaces ``final_path``.
+
+    The body must create the file at the yielded path. On an exception the temporary file is
+    removed and an existing ``final_path`` is left untouched.
+    """
+    final = Path(final_path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temporary = _hidden_sibling(final, "partial")
+    try:
+        yield temporary
+        os.replace(temporary, final)
+    except BaseException:
+        _remove(temporary)
+        raise
+
+
+def _is_non_empty_directory(path: Path) -> bool:
+    return path.is_dir() and any(path.iterdir())
+
+
+def _check_destination_folder(final: Path, overwrite: bool) -> None:
+    if final.exists() and not final.is_dir():
+        raise SSPECTError(f"{final} exists and is a file, not a folder; choose another output folder.")
+    if not overwrite and _is_non_empty_directory(final):
+        raise SSPECTError(
+            f"Output folder {final} already exists and is not empty; choose a new folder or allow overwriting."
+        )
+
+
+@contextmanager
+def atomic_directory(final_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``final_dir``; on success it becomes ``final_dir``.
+
+    An existing non-empty ``final_dir`` is refused (checked before any work, and again at the
+    end) unless ``overwrite`` is true; then the old folder is moved aside only after the new one
+    is complete, and deleted after the new one is in place. On an exception the temporary folder
+    is removed and the old folder is left as it was.
+    """
+    final = Path(final_dir)
+    _check_destination_folder(final, overwrite)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temporary = _hidden_sibling(final, "partial")
+    temporary.mkdir()
+    try:
+        yield temporary
+        _check_destination_folder(final, overwrite)
+        if final.is_dir() and not _is_non_empty_directory(final):
+            final.rmdir()
+        if final.exists():
+            previous = _hidden_sibling(final, "previous")
+            os.rename(final, previous)
+            try:
+                os.rename(temporary, final)
+            except BaseException:
+                os.rename(previous, final)
+                raise
+            shutil.rmtree(previous, ignore_errors=True)
+        else:
+            os.rename(temporary, final)
+    except BaseException:
+        _remove(temporary)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, *, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically; returns the path."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(text, encoding=encoding)
+    return Path(path)
+
+
+def write_json_atomic(path: str | os.PathLike, obj, *, indent: int = 2) -> Path:
+    """Write ``obj`` as JSON atomically; serialisation errors happen before any file is touched."""
+    text = json.dumps(obj, indent=indent, ensure_ascii=False) + "\n"
+    return write_text_atomic(path, text)

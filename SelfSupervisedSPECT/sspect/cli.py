@@ -1,0 +1,186 @@
+"""The `sspect` command: info, reconstruct, run-job, methods, demo.
+
+Every failure a user can cause ends in one sentence on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+from .errors import SSPECTError
+
+
+def _settings(args, method_params: dict):
+    from .pipeline import Settings
+
+    return Settings(method=args.method, params=method_params, peak_window=args.peak_window,
+                    lower_window=args.lower_window, upper_window=args.upper_window, collimator=args.collimator,
+                    calibration_cps_per_MBq=args.calibration, device=args.device, seed=args.seed,
+                    formats=tuple(args.formats.split(",")), name=args.name)
+
+
+def _method_params(args) -> dict:
+    params = {}
+    for key in ("iterations", "subsets"):
+        if getattr(args, key) is not None:
+            params[key] = getattr(args, key)
+    for item in args.param or []:
+        if "=" not in item:
+            raise SSPECTError(f"The parameter '{item}' must be written name=value.")
+        key, value = item.split("=", 1)
+        params[key.strip().replace("-", "_")] = value.strip()
+    return params
+
+
+def command_info(args) -> int:
+    from .io.inventory import scan
+    from .pipeline import Settings, describe_study, load_study
+
+    if Path(args.path).is_file():
+        from .io.nm import read_projections
+        read_projections(args.path)  # a file that is not projections gets its own one-sentence reason
+    inventory = scan(args.path)
+    if not inventory.projection_files:
+        raise SSPECTError(f"No NM TOMO projection file was found in {args.path}; give a SPECT projection file or a folder holding one.")
+    for file in inventory.projection_files:
+        ct_source = args.ct
+        if ct_source is None:
+            from .io.nm import read_projections
+            matches = inventory.ct_for(read_projections(str(file)).frame_of_reference_uid)
+            ct_source = [str(f) for f in matches[0]["files"]] if matches else None
+        study = load_study([file], ct_source, Settings(peak_window=args.peak_window, lower_window=args.lower_window,
+                                                       upper_window=args.upper_window, collimator=args.collimator))
+        print(f"{file}")
+        print(describe_study(study))
+        print(f"- collimator preset: {study.collimator}")
+        print("- matching CT: " + ("given" if args.ct else "same Frame of Reference, found beside it" if study.ct else "none found"))
+        print("- energy windows in the file:")
+        for window in study.beds[0].windows:
+            role = {study.windows.peak.index: "photopeak"}
+            if study.windows.lower:
+                role[study.windows.lower.index] = "lower scatter"
+            if study.windows.upper:
+                role[study.windows.upper.index] = "upper scatter"
+            counts = float(study.beds[0].projections[window.index].sum())
+            print(f"    {window.describe():40s} {counts:12.4g} counts  {role.get(window.index, '')}")
+        for warning in study.warnings:
+            print(f"- warning: {warning}")
+    return 0
+
+
+def command_reconstruct(args) -> int:
+    from tqdm import tqdm
+
+    from .methods import Events
+    from .pipeline import run
+
+    bars = []  # created on the first progress event, so an early error prints only its sentence
+
+    def on_event(event):
+        if event["event"] == "progress":
+            if not bars:
+                bars.append(tqdm(total=1.0, bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}", file=sys.stderr))
+            bars[0].n = event["fraction"]
+            bars[0].set_postfix_str(event.get("message", ""))
+            bars[0].refresh()
+        elif event["event"] == "warning":
+            print(f"warning: {event['message']}", file=sys.stderr)
+
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            result = run(args.nm, args.ct, _settings(args, _method_params(args)), args.out, Events(on_event))
+    finally:
+        for bar in bars:
+            bar.close()
+    print(f"Wrote ({result['unit']}):")
+    for kind, path in result["files"].items():
+        print(f"  {kind:10s} {path}")
+    return 0
+
+
+def command_run_job(args) -> int:
+    from .jobs import run_job
+
+    return run_job(args.job)
+
+
+def command_methods(args) -> int:
+    from .methods import all_methods
+
+    print(json.dumps({name: m.describe() for name, m in all_methods().items()}, indent=2, default=str))
+    return 0
+
+
+def command_demo(args) -> int:
+    from .demo import run_demo
+
+    report = run_demo(Path(args.out), quick=args.quick)
+    print(f"Demo finished; the report is {report}")
+    return 0
+
+
+def _add_study_options(parser):
+    windows = parser.add_argument_group("energy windows (automatic for 177Lu unless given: index or keV range like 187-229; 'none' for no scatter window)")
+    windows.add_argument("--peak-window")
+    windows.add_argument("--lower-window")
+    windows.add_argument("--upper-window")
+    parser.add_argument("--collimator", help="collimator preset (GE-MEGP, SIEMENS-ME); detected from the file unless given")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sspect", description="Quantitative 177Lu SPECT reconstruction.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="summarise a SPECT study: windows, views, orbit, detectors, matching CT")
+    info.add_argument("path", help="NM projection file or a folder of DICOM files")
+    info.add_argument("--ct", help="CT folder (default: a CT with the same Frame of Reference found under PATH)")
+    _add_study_options(info)
+    info.set_defaults(func=command_info)
+
+    recon = sub.add_parser("reconstruct", help="reconstruct a study and write image, DICOM, preview, provenance, report")
+    recon.add_argument("--nm", required=True, nargs="+", help="NM TOMO projection file(s), one per bed")
+    recon.add_argument("--ct", help="CT series folder (for attenuation correction)")
+    recon.add_argument("--method", default="osem", help="osem, osl-map or bsrem (see `sspect methods`)")
+    recon.add_argument("--iterations", type=int)
+    recon.add_argument("--subsets", type=int)
+    recon.add_argument("--param", action="append", metavar="NAME=VALUE", help="other method parameters, e.g. beta=0.3")
+    recon.add_argument("--calibration", type=float, metavar="CPS_PER_MBQ", help="sensitivity (cps/MBq) for an image in Bq/mL")
+    recon.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    recon.add_argument("--seed", type=int, default=0)
+    recon.add_argument("--formats", default="nrrd,dicom", help="comma-separated: nrrd, nifti, dicom")
+    recon.add_argument("--name", help="base name of the result files")
+    recon.add_argument("--out", required=True, help="output folder")
+    _add_study_options(recon)
+    recon.set_defaults(func=command_reconstruct)
+
+    job = sub.add_parser("run-job", help="run a job file, printing one JSON event per line (the Slicer module's door)")
+    job.add_argument("job")
+    job.set_defaults(func=command_run_job)
+
+    methods = sub.add_parser("methods", help="list the methods and their parameters as JSON")
+    methods.set_defaults(func=command_methods)
+
+    demo = sub.add_parser("demo", help="simulate a small 177Lu SPECT/CT, reconstruct it and write a report")
+    demo.add_argument("--out", default="demo-output")
+    demo.add_argument("--quick", action="store_true", help="fewer views and iterations (for tests)")
+    demo.set_defaults(func=command_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SSPECTError as error:
+        print(f"sspect: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sspect: cancelled; files already complete were kept, nothing half-written was left.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""The door between Slicer (or any caller) and the engine: a job file in, JSON lines out.
+
+Job file (JSON)::
+
+    {"version": 1,
+     "nm": ["/path/bed1.dcm", ...],          # one NM TOMO file per bed
+     "ct": "/path/ct_folder" | [files] | null,
+     "output_dir": "/path/out",
+     "method": "osem", "params": {"iterations": 4, "subsets": 6},
+     "windows": {"peak": null, "lower": null, "upper": null},   # index, "low-high" keV, "none"
+     "collimator": null, "calibration_cps_per_MBq": null,
+     "device": "auto", "seed": 0, "formats": ["nrrd", "dicom"], "name": null}
+
+Events, one JSON object per line on stdout, nothing else on stdout::
+
+    {"event": "start", "job": ...}
+    {"event": "warning", "message": ...}
+    {"event": "progress", "fraction": 0.4, "iteration": 2, "subset": 3, "message": ...}
+    {"event": "result", "files": {...}, "unit": "Bq/mL", "provenance": {...}}
+    {"event": "error", "message": "one sentence"}
+
+Result files are written atomically, so a killed job leaves no half-written file.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import traceback
+from pathlib import Path
+
+from .errors import SSPECTError
+from .methods import Events
+from .pipeline import Settings, run
+
+JOB_VERSION = 1
+JOB_KEYS = {"version", "nm", "ct", "output_dir", "method", "params", "windows", "collimator",
+            "calibration_cps_per_MBq", "device", "seed", "formats", "name"}
+
+
+def read_job(path) -> dict:
+    try:
+        job = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise SSPECTError(f"The job file {path} does not exist.") from None
+    except (OSError, ValueError) as error:
+        raise SSPECTError(f"The job file {path} is not valid JSON ({error}).") from None
+    if not isinstance(job, dict):
+        raise SSPECTError(f"The job file {path} must hold a JSON object.")
+    unknown = sorted(set(job) - JOB_KEYS)
+    if unknown:
+        raise SSPECTError(f"The job file has unknown keys {', '.join(unknown)}; the known keys are {', '.join(sorted(JOB_KEYS))}.")
+    if job.get("version", JOB_VERSION) != JOB_VERSION:
+        raise SSPECTError(f"The job file has version {job.get('version')}; this engine reads version {JOB_VERSION}.")
+    for key in ("nm", "output_dir"):
+        if not job.get(key):
+            raise SSPECTError(f"The job file lacks '{key}'.")
+    return job
+
+
+def settings_from_job(job: dict) -> Settings:
+    windows = job.get("windows") or {}
+    return Settings(
+        method=job.get("method", "osem"), params=job.get("params") or {},
+        peak_window=windows.get("peak"), lower_window=windows.get("lower"), upper_window=windows.get("upper"),
+        collimator=job.get("collimator"), calibration_cps_per_MBq=job.get("calibration_cps_per_MBq"),
+        device=job.get("device", "auto"), seed=int(job.get("seed", 0)),
+        formats=tuple(job.get("formats") or Settings.formats), name=job.get("name"))
+
+
+def run_job(path, stream=None) -> int:
+    """Run a job file, writing events as JSON lines; returns the process exit code."""
+    stream = stream or sys.stdout
+
+    def emit(event: dict) -> None:
+        stream.write(json.dumps(event, default=str) + "\n")
+        stream.flush()
+
+    # Libraries that print (PyTomography does) must not corrupt the event stream.
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            job = read_job(path)
+            emit({"event": "start", "job": job})
+            result = run(job["nm"], job.get("ct"), settings_from_job(job), job["output_dir"], Events(emit))
+            emit({"event": "result", **result})
+            return 0
+        except SSPECTError as error:
+            emit({"event": "error", "message": str(error)})
+            return 2
+        except KeyboardInterrupt:
+            emit({"event": "error", "message": "The job was cancelled; nothing was written."})
+            return 130
+        except Exception as error:  # an engine bug: one sentence for the user, the trace on stderr
+            traceback.print_exc(file=sys.stderr)
+            emit({"event": "error", "message": f"The engine failed unexpectedly ({type(error).__name__}: {error}); please report this with the job file."})
+            return 3

@@ -1,0 +1,116 @@
+"""One registry, one interface: ``reconstruct(problem, params, events) -> Result``.
+
+A method declares its parameters (type, default, bounds, help) so that the CLI, the job file
+and the Slicer panel all validate and present them from the same declaration.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..errors import SSPECTError
+
+
+class Cancelled(Exception):
+    """Raised inside a method when the caller asked it to stop."""
+
+
+class Events:
+    """Where a method reports progress; ``on_event`` receives one dict per event."""
+
+    def __init__(self, on_event: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None):
+        self._on_event = on_event or (lambda event: None)
+        self._should_stop = should_stop or (lambda: False)
+
+    def emit(self, event: str, **fields) -> None:
+        self._on_event({"event": event, **fields})
+
+    def progress(self, fraction: float, message: str = "", **fields) -> None:
+        self.emit("progress", fraction=round(float(fraction), 4), message=message, **fields)
+        if self._should_stop():
+            raise Cancelled()
+
+    def log(self, message: str) -> None:
+        self.emit("log", message=message)
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    kind: type
+    default: Any
+    help: str
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple | None = None
+
+    def validate(self, value):
+        try:
+            value = self.kind(value) if self.kind is not bool or isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
+        except (TypeError, ValueError):
+            raise SSPECTError(f"The parameter {self.name} must be a {self.kind.__name__}, not '{value}'.") from None
+        if self.kind is int and isinstance(value, float):
+            value = int(value)
+        if self.minimum is not None and value < self.minimum or self.maximum is not None and value > self.maximum:
+            raise SSPECTError(f"The parameter {self.name} = {value} is outside {self.minimum}..{self.maximum}; {self.help.lower()}.")
+        if self.choices is not None and value not in self.choices:
+            raise SSPECTError(f"The parameter {self.name} = {value} is not one of {', '.join(map(str, self.choices))}.")
+        return value
+
+    def describe(self) -> dict:
+        return {"name": self.name, "type": self.kind.__name__, "default": self.default, "help": self.help,
+                "minimum": self.minimum, "maximum": self.maximum, "choices": list(self.choices) if self.choices else None}
+
+
+@dataclass
+class Result:
+    image: Any  # numpy [Lx, Ly, Lz], counts per voxel
+    info: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    title: str
+    family: str  # classical | supervised | self-supervised
+    params: tuple[Param, ...]
+    run: Callable  # (problem, params: dict, events: Events) -> Result
+
+    def validate(self, given: dict | None) -> dict:
+        given = dict(given or {})
+        known = {p.name for p in self.params}
+        unknown = sorted(set(given) - known)
+        if unknown:
+            raise SSPECTError(f"The method {self.name} has no parameter {', '.join(unknown)}; its parameters are {', '.join(sorted(known))}.")
+        return {p.name: p.validate(given.get(p.name, p.default)) for p in self.params}
+
+    def reconstruct(self, problem, params: dict | None = None, events: Events | None = None) -> Result:
+        return self.run(problem, self.validate(params), events or Events())
+
+    def describe(self) -> dict:
+        return {"name": self.name, "title": self.title, "family": self.family,
+                "params": [p.describe() for p in self.params]}
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    _load_builtin_methods()
+    if name not in REGISTRY:
+        raise SSPECTError(f"Unknown method '{name}'; choose one of {', '.join(sorted(REGISTRY))}.")
+    return REGISTRY[name]
+
+
+def all_methods() -> dict[str, Method]:
+    _load_builtin_methods()
+    return dict(REGISTRY)
+
+
+def _load_builtin_methods() -> None:
+    from . import classical  # noqa: F401  (registers on import)

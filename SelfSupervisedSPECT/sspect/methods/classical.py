@@ -1,0 +1,85 @@
+"""OSEM and MAP (one-step-late and BSREM) with a relative difference prior, from PyTomography."""
+from __future__ import annotations
+
+from . import Events, Method, Param, Result, register
+
+ITERATIONS = Param("iterations", int, 4, "Number of full passes through the data", 1, 200)
+SUBSETS = Param("subsets", int, 6, "Number of ordered subsets (views per subset = views / subsets)", 1, 64)
+BETA = Param("beta", float, 0.3, "Strength of the relative difference prior", 0.0, 100.0)
+GAMMA = Param("gamma", float, 2.0, "Edge preservation of the relative difference prior (larger keeps edges)", 0.0, 100.0)
+CT_WEIGHTS = Param("ct_weights", bool, False, "Weight prior neighbours by CT similarity (top-N of 26 neighbours)")
+CT_NEIGHBOURS = Param("ct_neighbours", int, 8, "Neighbours kept by the CT weights", 1, 26)
+
+
+def _progress_callback(events: Events, n_iters: int, n_subsets: int):
+    from pytomography.callbacks import Callback
+
+    class ProgressCallback(Callback):
+        def run(self, object, n_iter, n_subset):
+            done = n_iter * n_subsets + n_subset + 1
+            events.progress(done / (n_iters * n_subsets), f"iteration {n_iter + 1}/{n_iters}, subset {n_subset + 1}/{n_subsets}",
+                            iteration=n_iter + 1, subset=n_subset + 1)
+            return object
+
+        def finalize(self, object):
+            pass
+
+    return ProgressCallback()
+
+
+def _check_subsets(problem, params):
+    from ..errors import SSPECTError
+
+    views = problem.projections.shape[0]
+    if params["subsets"] > views:
+        raise SSPECTError(f"{params['subsets']} subsets is more than the {views} views; choose at most {views} subsets.")
+
+
+def _prior(problem, params):
+    from pytomography.priors import RelativeDifferencePrior, TopNAnatomyNeighbourWeight
+
+    weight = None
+    if params["ct_weights"]:
+        if problem.attenuation_map is None:
+            from ..errors import SSPECTError
+            raise SSPECTError("CT neighbour weights need a CT; give the CT or switch ct_weights off.")
+        weight = TopNAnatomyNeighbourWeight(problem.attenuation_map, params["ct_neighbours"])
+    return RelativeDifferencePrior(beta=params["beta"], gamma=params["gamma"], weight=weight)
+
+
+def _run(algorithm, problem, params, events):
+    _check_subsets(problem, params)
+    image = algorithm(params["iterations"], params["subsets"],
+                      callback=_progress_callback(events, params["iterations"], params["subsets"]))
+    return Result(image.detach().cpu().numpy(), {"iterations": params["iterations"], "subsets": params["subsets"]})
+
+
+def run_osem(problem, params, events):
+    from pytomography.algorithms import OSEM
+
+    return _run(OSEM(problem.likelihood()), problem, params, events)
+
+
+def run_osl_map(problem, params, events):
+    from pytomography.algorithms import OSMAPOSL
+
+    return _run(OSMAPOSL(problem.likelihood(), prior=_prior(problem, params)), problem, params, events)
+
+
+def run_bsrem(problem, params, events):
+    from pytomography.algorithms import BSREM
+
+    decay = params["relaxation_decay"]
+    algorithm = BSREM(problem.likelihood(), prior=_prior(problem, params),
+                      relaxation_sequence=lambda n: 1.0 / (1.0 + decay * n))
+    return _run(algorithm, problem, params, events)
+
+
+PRIOR_PARAMS = (BETA, GAMMA, CT_WEIGHTS, CT_NEIGHBOURS)
+register(Method("osem", "OSEM", "classical", (ITERATIONS, SUBSETS), run_osem))
+register(Method("osl-map", "MAP (one-step-late EM, relative difference prior)", "classical",
+                (ITERATIONS, SUBSETS) + PRIOR_PARAMS, run_osl_map))
+register(Method("bsrem", "MAP (BSREM, relative difference prior)", "classical",
+                (Param("iterations", int, 6, "Number of full passes through the data", 1, 200), SUBSETS) + PRIOR_PARAMS
+                + (Param("relaxation_decay", float, 0.1, "Relaxation a(n) = 1/(1 + decay*n) that makes BSREM converge", 0.0, 10.0),),
+                run_bsrem))

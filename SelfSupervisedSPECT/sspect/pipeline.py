@@ -1,0 +1,269 @@
+"""From study files to result files: read, model, reconstruct, calibrate, export, report.
+
+This is what the CLI, the run-job door and the Python API all call, so the same settings
+give the same numbers everywhere.
+"""
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .errors import SSPECTError
+from .io.ct import CTSeries, attenuation_map, check_ct_matches, read_ct_series, resample
+from .io.nm import ProjectionStudy, read_projections
+from .io.windows import WindowChoice, choose_windows
+from .methods import Events, get_method
+from .physics.presets import LU177_PHOTOPEAK_KEV, collimator_preset, detect_collimator
+from .physics.system import build_problem
+from .volume import Volume
+
+FORMATS = ("nrrd", "nifti", "dicom")
+
+
+@dataclass
+class Settings:
+    """Everything a reconstruction depends on besides the files; also the job file's body."""
+
+    method: str = "osem"
+    params: dict = field(default_factory=dict)
+    peak_window: str | int | None = None
+    lower_window: str | int | None = None
+    upper_window: str | int | None = None
+    collimator: str | None = None
+    calibration_cps_per_MBq: float | None = None
+    device: str = "auto"
+    seed: int = 0
+    formats: tuple = ("nrrd", "dicom")
+    name: str | None = None
+
+
+@dataclass
+class Study:
+    beds: list[ProjectionStudy]
+    ct: CTSeries | None
+    windows: WindowChoice
+    collimator: str
+    warnings: list[str]
+
+
+def check_settings(settings: Settings) -> None:
+    """Refuse bad method parameters, device or formats before any file is read."""
+    from .physics.system import resolve_device
+
+    get_method(settings.method).validate(settings.params)
+    resolve_device(settings.device)
+    unknown = sorted(set(settings.formats) - set(FORMATS))
+    if unknown:
+        raise SSPECTError(f"Unknown output format {', '.join(unknown)}; choose from {', '.join(FORMATS)}.")
+    if settings.collimator:
+        collimator_preset(settings.collimator)
+    if settings.calibration_cps_per_MBq is not None and settings.calibration_cps_per_MBq <= 0:
+        raise SSPECTError("The calibration factor must be positive (counts per second per MBq).")
+
+
+def load_study(nm_paths, ct_source=None, settings: Settings | None = None) -> Study:
+    """Read every bed and the CT, choose windows and collimator, check that they belong together."""
+    settings = settings or Settings()
+    nm_paths = [nm_paths] if isinstance(nm_paths, (str, Path)) else list(nm_paths)
+    if not nm_paths:
+        raise SSPECTError("No projection file was given; give the NM TOMO DICOM file of each bed.")
+    beds = [read_projections(str(p)) for p in nm_paths]
+    warnings = [w for bed in beds for w in bed.warnings]
+    first = beds[0]
+    for bed in beds[1:]:
+        if bed.study_uid != first.study_uid or bed.projections.shape[2:] != first.projections.shape[2:] \
+                or len(bed.windows) != len(first.windows):
+            raise SSPECTError(f"The bed {bed.path} does not belong to the same study and acquisition as {first.path}; give the beds of one study.")
+    beds.sort(key=lambda bed: bed.affine[2, 3])
+    windows = choose_windows(first.windows, settings.peak_window, settings.lower_window, settings.upper_window)
+    if windows.scatter_method == "none":
+        warnings.append("No scatter window was found next to the photopeak; the image is not scatter corrected.")
+    collimator = settings.collimator or detect_collimator(first.manufacturer, first.collimator)
+    collimator_preset(collimator)
+    ct = None
+    if ct_source is not None:
+        ct = read_ct_series(ct_source, first.frame_of_reference_uid)
+        for bed in beds:
+            warnings += check_ct_matches(ct, bed, windows.peak.index)
+    else:
+        warnings.append("No CT was given; the image is not attenuation corrected.")
+    return Study(beds, ct, windows, collimator, sorted(set(warnings)))
+
+
+def bq_per_ml_factor(calibration_cps_per_MBq: float, frame_duration_s: float, voxel_ml: float) -> float:
+    """Counts per voxel (PyTomography's scale: counts in one view) -> Bq/mL."""
+    return 1e6 / (calibration_cps_per_MBq * frame_duration_s * voxel_ml)
+
+
+def reconstruct_study(study: Study, settings: Settings, events: Events | None = None) -> tuple[Volume, dict]:
+    """Reconstruct every bed, stitch beds, calibrate; returns the image and its provenance."""
+    import torch
+
+    events = events or Events()
+    method = get_method(settings.method)
+    params = method.validate(settings.params)
+    torch.manual_seed(settings.seed)
+    np.random.seed(settings.seed)
+    started = time.perf_counter()
+    images, infos = [], []
+    for number, bed in enumerate(study.beds):
+        mu = attenuation_map(study.ct, bed, LU177_PHOTOPEAK_KEV) if study.ct else None
+        problem = build_problem(bed, study.windows, mu, study.collimator, settings.device)
+        bed_events = Events(lambda event, n=number: events.emit(**_per_bed(event, n, len(study.beds))))
+        try:
+            result = method.reconstruct(problem, params, bed_events)
+        except torch.OutOfMemoryError:
+            raise SSPECTError(f"The {problem.device} ran out of memory; choose the CPU device or close other GPU programs.") from None
+        except MemoryError:
+            raise SSPECTError("The computer ran out of memory; close other programs or use a machine with more memory.") from None
+        images.append(result.image)
+        infos.append(result.info)
+    image, affine = _stitch(images, study.beds)
+    first = study.beds[0]
+    volume = Volume(image.astype(np.float32), first.object_spacing_mm, tuple(affine[:3, 3]), np.eye(3), "counts")
+    if settings.calibration_cps_per_MBq:
+        volume.array *= bq_per_ml_factor(settings.calibration_cps_per_MBq, first.frame_duration_s, volume.voxel_volume_ml)
+        volume.unit = "Bq/mL"
+    provenance = {
+        "software": {"sspect": __version__, **_versions()},
+        "method": method.name, "method_title": method.title, "params": params,
+        "seed": settings.seed, "device": str(problem.device), "unit": volume.unit,
+        "windows": {"peak": _window_dict(study.windows.peak), "lower": _window_dict(study.windows.lower),
+                    "upper": _window_dict(study.windows.upper), "scatter_method": study.windows.scatter_method},
+        "collimator": study.collimator, "collimator_code": collimator_preset(study.collimator).code,
+        "corrections": ["attenuation"] * bool(study.ct) + ["scatter"] * (study.windows.scatter_method != "none")
+        + ["collimator_detector_response"],
+        "calibration_cps_per_MBq": settings.calibration_cps_per_MBq,
+        "frame_duration_s": first.frame_duration_s,
+        "inputs": {"nm": [bed.path for bed in study.beds], "ct_series_uid": study.ct.series_uid if study.ct else None,
+                   "ct_files": len(study.ct.files) if study.ct else 0},
+        "geometry": {"shape": list(volume.array.shape), "spacing_mm": list(volume.spacing),
+                     "origin_lps_mm": list(volume.origin), "direction": np.asarray(volume.direction).tolist()},
+        "per_bed": infos, "warnings": study.warnings,
+        "run_time_s": round(time.perf_counter() - started, 2),
+    }
+    return volume, provenance
+
+
+def _per_bed(event: dict, bed: int, n_beds: int) -> dict:
+    if event.get("event") == "progress" and n_beds > 1:
+        event = {**event, "fraction": round((bed + event["fraction"]) / n_beds, 4),
+                 "message": f"bed {bed + 1}/{n_beds}: {event.get('message', '')}"}
+    return event
+
+
+def _stitch(images, beds):
+    if len(images) == 1:
+        return images[0], beds[0].affine
+    import pytomography
+    import torch
+    from pytomography.io.SPECT.dicom import stitch_multibed
+
+    stacked = torch.stack([torch.from_numpy(i) for i in images]).to(pytomography.device)
+    stitched = stitch_multibed(stacked, [bed.path for bed in beds])
+    return stitched.cpu().numpy(), beds[0].affine
+
+
+def _window_dict(window):
+    return None if window is None else {"index": window.index, "lower_keV": window.lower_keV,
+                                        "upper_keV": window.upper_keV, "name": window.name}
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for package in ("torch", "pytomography", "pydicom", "numpy", "SimpleITK"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def ct_on_grid(study: Study, volume: Volume) -> np.ndarray | None:
+    """The CT in HU on the result's grid, for previews."""
+    if study.ct is None:
+        return None
+    return resample(study.ct.volume, volume.affine, volume.array.shape, cval=-1000.0)
+
+
+def describe_study(study: Study) -> str:
+    """A few lines a physicist reads to check that the right study and settings were used."""
+    lines = []
+    for bed in study.beds:
+        angles = bed.angles_deg
+        lines.append(
+            f"- {Path(bed.path).name}: {bed.manufacturer or 'unknown maker'} {bed.model}, {bed.n_views} views over "
+            f"{angles.max() - angles.min() + np.median(np.diff(angles)):.0f} deg, {bed.n_detectors} detector(s), "
+            f"rotation {'/'.join(bed.rotation_directions)}, radius {bed.radii_cm.min() * 10:.0f}-{bed.radii_cm.max() * 10:.0f} mm, "
+            f"{bed.projections.shape[2]}x{bed.projections.shape[3]} pixels of {bed.pixel_mm[0]:.2f} mm, "
+            f"{bed.frame_duration_s:g} s per view, collimator '{bed.collimator}'")
+    lines.append(f"- windows: {study.windows.describe()}")
+    peak = study.beds[0].projections[study.windows.peak.index]
+    lines.append(f"- photopeak counts: {float(peak.sum()):.4g} in bed 1")
+    if study.ct:
+        shape = study.ct.volume.array.shape
+        lines.append(f"- CT: {len(study.ct.files)} slices, {shape[0]}x{shape[1]}, "
+                     f"{study.ct.volume.spacing[0]:.2f} x {study.ct.volume.spacing[1]:.2f} x {study.ct.volume.spacing[2]:.2f} mm, {study.ct.model}")
+    return "\n".join(lines)
+
+
+def result_name(settings: Settings, params: dict) -> str:
+    if settings.name:
+        return settings.name
+    short = {"iterations": "it", "subsets": "ss", "beta": "b"}
+    parts = [f"{value}{short[key]}" for key, value in params.items() if key in short]
+    return "_".join([settings.method] + parts)
+
+
+def write_results(volume: Volume, provenance: dict, study: Study, settings: Settings, out_dir,
+                  truth: dict | None = None) -> dict:
+    """Image files, provenance, preview and report, each written atomically."""
+    from .atomic import write_json_atomic
+    from .io.export import write_dicom_series, write_nifti, write_nrrd
+    from .report import write_preview, write_report
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = result_name(settings, provenance["params"])
+    files = {}
+    if "nrrd" in settings.formats:
+        files["nrrd"] = str(out_dir / f"{name}.nrrd")
+        write_nrrd(volume, files["nrrd"])
+    if "nifti" in settings.formats:
+        files["nifti"] = str(out_dir / f"{name}.nii.gz")
+        write_nifti(volume, files["nifti"])
+    if "dicom" in settings.formats:
+        files["dicom"] = str(out_dir / f"{name}_dicom")
+        first = study.beds[0]
+        write_dicom_series(volume, files["dicom"], reference_nm_path=first.path, overwrite=True, metadata={
+            "reconstruction_method": f"{provenance['method_title']} ({', '.join(f'{k}={v}' for k, v in provenance['params'].items())})",
+            "corrections": provenance["corrections"],
+            "acquisition_duration_s": first.frame_duration_s * first.n_views / max(first.n_detectors, 1)},
+            series_description=f"sspect {name} [{volume.unit}]")
+    files["preview"] = str(out_dir / f"{name}_preview.png")
+    write_preview(volume, ct_on_grid(study, volume), Path(files["preview"]), f"{provenance['method_title']} [{volume.unit}]")
+    files["provenance"] = str(out_dir / f"{name}_provenance.json")
+    files["report"] = str(out_dir / f"{name}_report.md")
+    provenance = {**provenance, "files": files}
+    write_json_atomic(files["provenance"], provenance)
+    write_report(Path(files["report"]), provenance, volume, files, describe_study(study), truth)
+    return files
+
+
+def run(nm_paths, ct_source, settings: Settings, out_dir, events: Events | None = None) -> dict:
+    """The whole job: load, reconstruct, write; returns the written files and the provenance."""
+    events = events or Events()
+    check_settings(settings)
+    study = load_study(nm_paths, ct_source, settings)
+    for warning in study.warnings:
+        events.emit("warning", message=warning)
+    volume, provenance = reconstruct_study(study, settings, events)
+    files = write_results(volume, provenance, study, settings, out_dir)
+    return {"files": files, "unit": volume.unit, "provenance": provenance}

@@ -1,0 +1,27 @@
+"""Shared fixtures: the real study in ../shared (skipped when absent) and small simulated studies."""
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+REAL_STUDY = REPO.parent / "shared" / "data" / "lu177_ge670"
+
+
+@pytest.fixture(scope="session")
+def real_study():
+    if not (REAL_STUDY / "NM" / "bed1_projections.dcm").exists():
+        pytest.skip("the real 177Lu study is not beside the repository (../shared/data/lu177_ge670)")
+    return {"nm": str(REAL_STUDY / "NM" / "bed1_projections.dcm"), "ct": str(REAL_STUDY / "CT")}
+
+
+@pytest.fixture(scope="session")
+def small_study(tmp_path_factory):
+    """A small simulated GE-layout 177Lu SPECT/CT written as DICOM (32^3 voxels of 12 mm, 24 views)."""
+    import contextlib
+    import io
+
+    from sspect.sim.dicom_writer import write_demo_study
+
+    folder = tmp_path_factory.mktemp("small_study")
+    with contextlib.redirect_stdout(io.StringIO()):
+        return write_demo_study(folder, seed=1, n_views=24, shape=(32, 32, 32), voxel_mm=12.0)

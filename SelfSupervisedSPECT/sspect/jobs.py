@@ -30,12 +30,13 @@ import traceback
 from pathlib import Path
 
 from .errors import SSPECTError
-from .methods import Events
+from .methods import Cancelled, Events
 from .pipeline import Settings, run
 
 JOB_VERSION = 1
 JOB_KEYS = {"version", "nm", "ct", "output_dir", "method", "params", "windows", "collimator",
             "calibration_cps_per_MBq", "device", "seed", "formats", "name"}
+WINDOW_KEYS = {"peak", "lower", "upper"}
 
 
 def read_job(path) -> dict:
@@ -55,7 +56,26 @@ def read_job(path) -> dict:
     for key in ("nm", "output_dir"):
         if not job.get(key):
             raise SSPECTError(f"The job file lacks '{key}'.")
+    _check_value_types(job)
     return job
+
+
+def _check_value_types(job: dict) -> None:
+    """Values of the wrong JSON type are the caller's mistake, refused as such (not as an engine failure)."""
+    windows = job.get("windows")
+    if windows is not None and not isinstance(windows, dict):
+        raise SSPECTError("The job's 'windows' must be an object with the keys peak, lower and upper.")
+    unknown = sorted(set(windows or {}) - WINDOW_KEYS)
+    if unknown:
+        raise SSPECTError(f"The job's 'windows' has unknown keys {', '.join(unknown)}; the known keys are lower, peak and upper.")
+    if job.get("params") is not None and not isinstance(job["params"], dict):
+        raise SSPECTError("The job's 'params' must be an object of parameter names and values, such as {\"iterations\": 4}.")
+    seed = job.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise SSPECTError(f"The job's 'seed' must be a whole number, not {json.dumps(seed)}.")
+    formats = job.get("formats")
+    if formats is not None and not (isinstance(formats, list) and all(isinstance(f, str) for f in formats)):
+        raise SSPECTError("The job's 'formats' must be a list of names such as [\"nrrd\", \"dicom\"].")
 
 
 def settings_from_job(job: dict) -> Settings:
@@ -87,8 +107,8 @@ def run_job(path, stream=None) -> int:
         except SSPECTError as error:
             emit({"event": "error", "message": str(error)})
             return 2
-        except KeyboardInterrupt:
-            emit({"event": "error", "message": "The job was cancelled; nothing was written."})
+        except (KeyboardInterrupt, Cancelled):
+            emit({"event": "error", "message": "The job was cancelled; result files already complete were kept and none was left half-written."})
             return 130
         except Exception as error:  # an engine bug: one sentence for the user, the trace on stderr
             traceback.print_exc(file=sys.stderr)

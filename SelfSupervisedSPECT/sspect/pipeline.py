@@ -16,7 +16,7 @@ from . import __version__
 from .errors import SSPECTError
 from .io.ct import CTSeries, attenuation_map, check_ct_matches, read_ct_series, resample
 from .io.nm import ProjectionStudy, read_projections
-from .io.windows import WindowChoice, choose_windows
+from .io.windows import NONE_WORDS, WindowChoice, choose_windows
 from .methods import Events, get_method
 from .physics.presets import LU177_PHOTOPEAK_KEV, collimator_preset, detect_collimator
 from .physics.system import build_problem
@@ -76,13 +76,19 @@ def load_study(nm_paths, ct_source=None, settings: Settings | None = None) -> St
     warnings = [w for bed in beds for w in bed.warnings]
     first = beds[0]
     for bed in beds[1:]:
-        if bed.study_uid != first.study_uid or bed.projections.shape[2:] != first.projections.shape[2:] \
-                or len(bed.windows) != len(first.windows):
-            raise SSPECTError(f"The bed {bed.path} does not belong to the same study and acquisition as {first.path}; give the beds of one study.")
+        same_acquisition = (
+            bed.study_uid == first.study_uid and bed.frame_of_reference_uid == first.frame_of_reference_uid
+            and bed.projections.shape[1:] == first.projections.shape[1:] and bed.pixel_mm == first.pixel_mm
+            and bed.frame_duration_s == first.frame_duration_s
+            and [(w.lower_keV, w.upper_keV) for w in bed.windows] == [(w.lower_keV, w.upper_keV) for w in first.windows])
+        if not same_acquisition:
+            raise SSPECTError(f"The bed {bed.path} does not belong to the same study and acquisition as {first.path} (study, views, pixels, frame duration and windows must match); give the beds of one study.")
     beds.sort(key=lambda bed: bed.affine[2, 3])
     windows = choose_windows(first.windows, settings.peak_window, settings.lower_window, settings.upper_window)
     if windows.scatter_method == "none":
-        warnings.append("No scatter window was found next to the photopeak; the image is not scatter corrected.")
+        switched_off = any(str(w).strip().lower() in NONE_WORDS for w in (settings.lower_window, settings.upper_window) if w is not None)
+        warnings.append("The scatter windows were switched off; the image is not scatter corrected." if switched_off
+                        else "No scatter window was found next to the photopeak; the image is not scatter corrected.")
     collimator = settings.collimator or detect_collimator(first.manufacturer, first.collimator)
     collimator_preset(collimator)
     ct = None
@@ -114,7 +120,8 @@ def reconstruct_study(study: Study, settings: Settings, events: Events | None = 
     for number, bed in enumerate(study.beds):
         mu = attenuation_map(study.ct, bed, LU177_PHOTOPEAK_KEV) if study.ct else None
         problem = build_problem(bed, study.windows, mu, study.collimator, settings.device)
-        bed_events = Events(lambda event, n=number: events.emit(**_per_bed(event, n, len(study.beds))))
+        bed_events = Events(lambda event, n=number: events.emit(**_per_bed(event, n, len(study.beds))),
+                            should_stop=events.should_stop)
         try:
             result = method.reconstruct(problem, params, bed_events)
         except torch.OutOfMemoryError:

@@ -19,7 +19,7 @@ def write_preview(volume: Volume, ct_hu: np.ndarray | None, path: Path, title: s
 
     image = volume.array
     centre = np.unravel_index(np.argmax(uniform_filter(image, size=3)), image.shape)
-    top = float(np.percentile(image[image > 0], 99.9)) if np.any(image > 0) else 1.0
+    top = float(image.max()) if image.max() > 0 else 1.0
     dx, dy, dz = volume.spacing
     # (slice, aspect) per view; arrays are [x, y, z], LPS: show patient right on the left, head up
     views = [("axial", lambda a: a[:, :, centre[2]].T, dy / dx),

@@ -130,6 +130,6 @@ def attenuation_map(ct: CTSeries, study: ProjectionStudy, photopeak_keV: float) 
     # PyTomography prints which table entry it chose; keep it off the user's screen and stdout.
     with contextlib.redirect_stdout(io.StringIO()):
         hu_to_mu = get_HU2mu_conversion(ct.files, photopeak_keV)
-    mu = Volume(hu_to_mu(ct.volume.array.astype(np.float64)).astype(np.float32), ct.volume.spacing,
+    mu = Volume(hu_to_mu(ct.volume.array).astype(np.float32), ct.volume.spacing,
                 ct.volume.origin, ct.volume.direction, unit="1/cm")
     return resample(mu, study.affine, study.object_shape)

@@ -5,6 +5,7 @@ and the Slicer panel all validate and present them from the same declaration.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -25,13 +26,21 @@ class Events:
     def emit(self, event: str, **fields) -> None:
         self._on_event({"event": event, **fields})
 
+    def should_stop(self) -> bool:
+        return bool(self._should_stop())
+
     def progress(self, fraction: float, message: str = "", **fields) -> None:
         self.emit("progress", fraction=round(float(fraction), 4), message=message, **fields)
-        if self._should_stop():
+        if self.should_stop():
             raise Cancelled()
 
     def log(self, message: str) -> None:
         self.emit("log", message=message)
+
+
+TRUE_WORDS = {"1", "true", "yes", "on"}
+FALSE_WORDS = {"0", "false", "no", "off"}
+KIND_WORDS = {int: "a whole number", float: "a finite number", bool: "true or false", str: "text"}
 
 
 @dataclass(frozen=True)
@@ -46,15 +55,33 @@ class Param:
 
     def validate(self, value):
         try:
-            value = self.kind(value) if self.kind is not bool or isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
+            value = self._coerce(value)
         except (TypeError, ValueError):
-            raise SSPECTError(f"The parameter {self.name} must be a {self.kind.__name__}, not '{value}'.") from None
-        if self.kind is int and isinstance(value, float):
-            value = int(value)
+            raise SSPECTError(f"The parameter {self.name} must be {KIND_WORDS[self.kind]}, not '{value}'.") from None
         if self.minimum is not None and value < self.minimum or self.maximum is not None and value > self.maximum:
             raise SSPECTError(f"The parameter {self.name} = {value} is outside {self.minimum}..{self.maximum}; {self.help.lower()}.")
         if self.choices is not None and value not in self.choices:
             raise SSPECTError(f"The parameter {self.name} = {value} is not one of {', '.join(map(str, self.choices))}.")
+        return value
+
+    def _coerce(self, value):
+        """Text (as the CLI passes it) or JSON values -> the declared type; nothing silently changed."""
+        if self.kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text not in TRUE_WORDS | FALSE_WORDS:
+                raise ValueError(value)
+            return text in TRUE_WORDS
+        if isinstance(value, bool):
+            raise TypeError(value)
+        if self.kind is int and isinstance(value, float):
+            if not value.is_integer():
+                raise ValueError(value)  # 2.5 iterations is a mistake, not 2
+            return int(value)
+        value = self.kind(value)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(value)  # NaN passes every bound check
         return value
 
     def describe(self) -> dict:

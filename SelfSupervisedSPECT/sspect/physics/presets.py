@@ -23,7 +23,7 @@ LU177_HALF_LIFE_S = 6.647 * 24 * 3600
 # Keys: (manufacturer keyword, collimator name as scanners write it in CollimatorGridName).
 COLLIMATORS = {
     "GE-MEGP": CollimatorPreset("GI-MEGP", "GE medium energy general purpose (Infinia/Discovery/NM-CT 670)", 0.38),
-    "SIEMENS-ME": CollimatorPreset("SI-ME", "Siemens medium energy low penetration (Symbia/Intevo)", 0.38),
+    "SIEMENS-ME": CollimatorPreset("SY-ME", "Siemens medium energy low penetration (Symbia/Intevo)", 0.38),
 }
 SCANNER_ALIASES = {
     ("GE", "MEGP"): "GE-MEGP",

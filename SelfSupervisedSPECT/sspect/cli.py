@@ -71,13 +71,15 @@ def command_info(args) -> int:
     return 0
 
 
-def command_reconstruct(args) -> int:
+@contextlib.contextmanager
+def _progress_bar():
+    """Events that drive a tqdm bar on stderr, created on the first progress event so that an
+    early error prints only its sentence."""
     from tqdm import tqdm
 
     from .methods import Events
-    from .pipeline import run
 
-    bars = []  # created on the first progress event, so an early error prints only its sentence
+    bars = []
 
     def on_event(event):
         if event["event"] == "progress":
@@ -91,14 +93,25 @@ def command_reconstruct(args) -> int:
 
     try:
         with contextlib.redirect_stdout(sys.stderr):
-            result = run(args.nm, args.ct, _settings(args, _method_params(args)), args.out, Events(on_event))
+            yield Events(on_event)
     finally:
         for bar in bars:
             bar.close()
-    print(f"Wrote ({result['unit']}):")
-    for kind, path in result["files"].items():
-        print(f"  {kind:10s} {path}")
+
+
+def command_reconstruct(args) -> int:
+    from .pipeline import run
+
+    with _progress_bar() as events:
+        result = run(args.nm, args.ct, _settings(args, _method_params(args)), args.out, events)
+    _print_files(result["files"], result["unit"])
     return 0
+
+
+def _print_files(files: dict, unit: str) -> None:
+    print(f"Wrote ({unit}):")
+    for kind, path in files.items():
+        print(f"  {kind:10s} {path}")
 
 
 def command_run_job(args) -> int:
@@ -117,8 +130,10 @@ def command_methods(args) -> int:
 def command_demo(args) -> int:
     from .demo import run_demo
 
-    report = run_demo(Path(args.out), quick=args.quick)
-    print(f"Demo finished; the report is {report}")
+    with _progress_bar() as events:
+        files = run_demo(Path(args.out), events, quick=args.quick)
+    _print_files(files, "Bq/mL")
+    print(f"Demo finished: read {files['report']}")
     return 0
 
 

@@ -30,8 +30,8 @@ def truth_comparison(image, phantom) -> dict:
     return found
 
 
-def run_demo(out: Path, quick: bool = False, seed: int = 0) -> Path:
-    """Returns the path of the Markdown report."""
+def run_demo(out: Path, events: Events | None = None, quick: bool = False, seed: int = 0) -> dict:
+    """Returns the written files (image, DICOM, preview, provenance, report)."""
     from .sim.dicom_writer import write_demo_study
 
     out = Path(out)
@@ -42,18 +42,8 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> Path:
                         calibration_cps_per_MBq=simulated["sensitivity_cps_per_mbq"], seed=seed,
                         formats=("nrrd", "dicom"), name="demo_osem")
     study = load_study(simulated["nm"], simulated["ct"], settings)
-
-    def show(event):
-        if event["event"] == "progress":
-            print(f"\r  {event['fraction']:4.0%} {event['message']}   ", end="", file=sys.stderr, flush=True)
-
-    with contextlib.redirect_stdout(sys.stderr):
-        image, provenance = reconstruct_study(study, settings, Events(show))
-    print(file=sys.stderr)
+    image, provenance = reconstruct_study(study, settings, events)
     phantom = simulated["phantom"]
     if not np.allclose(image.affine, phantom.activity_volume.affine) or image.array.shape != phantom.activity.shape:
         raise RuntimeError("The demo's truth and image grids differ; the simulator and the reader disagree on geometry.")
-    files = write_results(image, provenance, study, settings, out, truth=truth_comparison(image, phantom))
-    for kind, path in files.items():
-        print(f"  {kind:10s} {path}", file=sys.stderr)
-    return Path(files["report"])
+    return write_results(image, provenance, study, settings, out, truth=truth_comparison(image, phantom))

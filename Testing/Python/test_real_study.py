@@ -1,7 +1,6 @@
 """The real GE Discovery 670 177Lu bed: reading, geometry, and parity with PyTomography."""
 import contextlib
 import io
-import time
 
 import numpy as np
 import pytest

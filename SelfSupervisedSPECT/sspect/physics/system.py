@@ -7,6 +7,7 @@ detector response from the collimator preset, and TEW/DEW scatter as the additiv
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -14,6 +15,9 @@ from ..errors import SSPECTError
 from ..io.nm import ProjectionStudy
 from ..io.windows import WindowChoice
 from .presets import LU177_PHOTOPEAK_KEV, collimator_preset
+
+if TYPE_CHECKING:  # torch is imported where it is used, so that importing the engine stays light
+    import torch
 
 
 def resolve_device(name: str = "auto"):

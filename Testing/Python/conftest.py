@@ -14,6 +14,18 @@ def real_study():
     return {"nm": str(REAL_STUDY / "NM" / "bed1_projections.dcm"), "ct": str(REAL_STUDY / "CT")}
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small problems on one thread: two OpenMP threads on a busy 2-core machine make them crawl
+    (measured here: 0.24 s on one thread, 27 s on two while another process used the CPU)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def small_study(tmp_path_factory):
     """A small simulated GE-layout 177Lu SPECT/CT written as DICOM (32^3 voxels of 12 mm, 24 views)."""

@@ -37,15 +37,7 @@ SPHERES = {"A": ((11, 13, 7), 0.6), "B": ((20, 18, 40), 0.6)}
 WINDOWS = [LU177_PEAK, LU177_UPPER_SCATTER, LU177_LOWER_SCATTER]  # GE order
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """See test_methods.py: two OpenMP threads on a busy 2-core machine make small problems crawl."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tall_phantom():

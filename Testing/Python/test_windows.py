@@ -26,15 +26,7 @@ def windows(*limits) -> list[EnergyWindow]:
 GE = windows(PEAK, UPPER, LOWER)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """See test_methods.py: two OpenMP threads on a busy 2-core machine make small problems crawl."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def assert_refused_with_listing(error: pytest.ExceptionInfo, study_windows, *words):

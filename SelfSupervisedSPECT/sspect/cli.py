@@ -45,11 +45,10 @@ def command_info(args) -> int:
     inventory = scan(args.path)
     if not inventory.projection_files:
         raise SSPECTError(f"No NM TOMO projection file was found in {args.path}; give a SPECT projection file or a folder holding one.")
-    for file in inventory.projection_files:
+    for file, frame_of_reference_uid in inventory.projection_files.items():
         ct_source = args.ct
         if ct_source is None:
-            from .io.nm import read_projections
-            matches = inventory.ct_for(read_projections(str(file)).frame_of_reference_uid)
+            matches = inventory.ct_for(frame_of_reference_uid)
             ct_source = [str(f) for f in matches[0]["files"]] if matches else None
         study = load_study([file], ct_source, Settings(peak_window=args.peak_window, lower_window=args.lower_window,
                                                        upper_window=args.upper_window, collimator=args.collimator))

@@ -14,7 +14,7 @@ from .nm import NM_IMAGE_STORAGE
 
 @dataclass
 class Inventory:
-    projection_files: list[Path] = field(default_factory=list)
+    projection_files: dict = field(default_factory=dict)  # path -> frame of reference UID
     ct_series: dict = field(default_factory=dict)  # series UID -> {"files", "frame_of_reference_uid", "description"}
     other: int = 0
 
@@ -37,7 +37,7 @@ def scan(path) -> Inventory:
             continue
         sop = ds.get("SOPClassUID")
         if sop == NM_IMAGE_STORAGE and "TOMO" in list(ds.get("ImageType", [])) and "RECON TOMO" not in list(ds.get("ImageType", [])):
-            inventory.projection_files.append(file)
+            inventory.projection_files[file] = str(ds.get("FrameOfReferenceUID", ""))
         elif sop == CT_IMAGE_STORAGE:
             series = inventory.ct_series.setdefault(str(ds.get("SeriesInstanceUID", "")), {
                 "files": [], "frame_of_reference_uid": str(ds.get("FrameOfReferenceUID", "")),

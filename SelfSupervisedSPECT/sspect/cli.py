@@ -136,6 +136,29 @@ def command_demo(args) -> int:
     return 0
 
 
+def command_benchmark(args) -> int:
+    from .eval.benchmark import run_benchmark
+
+    command = "sspect " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["benchmark"] else "sspect benchmark"
+    report = run_benchmark(args.phantoms, args.seconds, args.methods, args.realisations, args.out,
+                           args.workers, args.scheduler, command)
+    print(f"Benchmark finished: read {report}")
+    return 0
+
+
+def command_dataset(args) -> int:
+    from .eval.benchmark import run_dataset
+
+    manifest = run_dataset(args.n, args.out, args.first_seed, args.seconds, args.workers, args.scheduler)
+    print(f"Dataset written: {manifest}")
+    return 0
+
+
+def _add_distribution_options(parser):
+    parser.add_argument("--workers", type=int, default=2, help="local Dask workers (0: run in this process)")
+    parser.add_argument("--scheduler", help="address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786")
+
+
 def _add_study_options(parser):
     windows = parser.add_argument_group("energy windows (automatic for 177Lu unless given: index or keV range like 187-229; 'none' for no scatter window)")
     windows.add_argument("--peak-window")
@@ -176,6 +199,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     methods = sub.add_parser("methods", help="list the methods and their parameters as JSON")
     methods.set_defaults(func=command_methods)
+
+    bench = sub.add_parser("benchmark", help="phantoms x count levels x methods x noise realisations -> CSV, report, plots")
+    bench.add_argument("--phantoms", default="nema8,nema4,torso0", help="nema<ratio>, torso<seed>, comma-separated")
+    bench.add_argument("--seconds", default="5,20,80", help="count levels as seconds per view (60 views), comma-separated")
+    bench.add_argument("--methods", default="osem:iterations=6:subsets=6,bsrem:iterations=6:subsets=6:beta=0.3",
+                       help="name:param=value:..., comma-separated")
+    bench.add_argument("--realisations", type=int, default=5, help="noise realisations per case")
+    bench.add_argument("--out", default="benchmark-output")
+    _add_distribution_options(bench)
+    bench.set_defaults(func=command_benchmark)
+
+    dataset = sub.add_parser("dataset", help="write N torso cases (truth, labels, DICOM study, OSEM image) with a manifest")
+    dataset.add_argument("--n", type=int, required=True)
+    dataset.add_argument("--first-seed", type=int, default=0)
+    dataset.add_argument("--seconds", type=float, default=20.0, help="seconds per view (60 views)")
+    dataset.add_argument("--out", required=True)
+    _add_distribution_options(dataset)
+    dataset.set_defaults(func=command_dataset)
 
     demo = sub.add_parser("demo", help="simulate a small 177Lu SPECT/CT, reconstruct it and write a report")
     demo.add_argument("--out", default="demo-output")

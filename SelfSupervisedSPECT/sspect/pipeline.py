@@ -116,12 +116,19 @@ def reconstruct_study(study: Study, settings: Settings, events: Events | None = 
     torch.manual_seed(settings.seed)
     np.random.seed(settings.seed)
     started = time.perf_counter()
+    first = study.beds[0]
+    scale, unit = 1.0, "counts"
+    if settings.calibration_cps_per_MBq:
+        voxel_ml = float(np.prod(first.object_spacing_mm)) / 1000.0
+        scale, unit = bq_per_ml_factor(settings.calibration_cps_per_MBq, first.frame_duration_s, voxel_ml), "Bq/mL"
     images, infos = [], []
     for number, bed in enumerate(study.beds):
         mu = attenuation_map(study.ct, bed, LU177_PHOTOPEAK_KEV) if study.ct else None
         problem = build_problem(bed, study.windows, mu, study.collimator, settings.device)
         bed_events = Events(lambda event, n=number: events.emit(**_per_bed(event, n, len(study.beds))),
-                            should_stop=events.should_stop)
+                            should_stop=events.should_stop,
+                            on_iterate=(lambda iteration, image: events.iterate(iteration, image * scale))
+                            if events.wants_iterates and len(study.beds) == 1 else None)
         try:
             result = method.reconstruct(problem, params, bed_events)
         except torch.OutOfMemoryError:
@@ -131,11 +138,7 @@ def reconstruct_study(study: Study, settings: Settings, events: Events | None = 
         images.append(result.image)
         infos.append(result.info)
     image, affine = _stitch(images, study.beds)
-    first = study.beds[0]
-    volume = Volume(image.astype(np.float32), first.object_spacing_mm, tuple(affine[:3, 3]), np.eye(3), "counts")
-    if settings.calibration_cps_per_MBq:
-        volume.array *= bq_per_ml_factor(settings.calibration_cps_per_MBq, first.frame_duration_s, volume.voxel_volume_ml)
-        volume.unit = "Bq/mL"
+    volume = Volume((image * scale).astype(np.float32), first.object_spacing_mm, tuple(affine[:3, 3]), np.eye(3), unit)
     provenance = {
         "software": {"sspect": __version__, **_versions()},
         "method": method.name, "method_title": method.title, "params": params,

@@ -19,9 +19,21 @@ class Cancelled(Exception):
 class Events:
     """Where a method reports progress; ``on_event`` receives one dict per event."""
 
-    def __init__(self, on_event: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None):
+    def __init__(self, on_event: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None,
+                 on_iterate: Callable[[int, Any], None] | None = None):
         self._on_event = on_event or (lambda event: None)
         self._should_stop = should_stop or (lambda: False)
+        self._on_iterate = on_iterate
+
+    @property
+    def wants_iterates(self) -> bool:
+        """True when someone (the harness's bias-variance curves) wants every iterate."""
+        return self._on_iterate is not None
+
+    def iterate(self, iteration: int, image) -> None:
+        """Hand the image after a full iteration (or epoch) to the listener, as numpy."""
+        if self._on_iterate is not None:
+            self._on_iterate(iteration, image)
 
     def emit(self, event: str, **fields) -> None:
         self._on_event({"event": event, **fields})

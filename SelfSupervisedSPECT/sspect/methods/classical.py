@@ -17,6 +17,8 @@ def _progress_callback(events: Events, n_iters: int, n_subsets: int):
     class ProgressCallback(Callback):
         def run(self, object, n_iter, n_subset):
             done = n_iter * n_subsets + n_subset + 1
+            if n_subset == n_subsets - 1 and events.wants_iterates:
+                events.iterate(n_iter + 1, object.detach().cpu().numpy().copy())
             events.progress(done / (n_iters * n_subsets), f"iteration {n_iter + 1}/{n_iters}, subset {n_subset + 1}/{n_subsets}",
                             iteration=n_iter + 1, subset=n_subset + 1)
             return object

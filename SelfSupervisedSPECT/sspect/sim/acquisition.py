@@ -95,7 +95,8 @@ def forward_project(activity: np.ndarray, mu_map: np.ndarray | None, spacing_mm,
 def simulate_projections(activity: np.ndarray, mu_map: np.ndarray | None, spacing_mm, n_views: int = 32,
                          radius_mm: float = 250.0, collimator: str = "GI-MEGP", energy_keV: float = 208.0,
                          counts_scale: float = 1.0, seed: int = 0, upsample: int = 1, noise: bool = True,
-                         scatter_fraction: float = 0.3, scatter_sigma_cm: float = 4.0) -> SimulatedProjections:
+                         scatter_fraction: float = 0.3, scatter_sigma_cm: float = 4.0,
+                         detector_binning: int = 1) -> SimulatedProjections:
     """Photopeak, lower and upper scatter window counts of a 177Lu acquisition.
 
     ``counts_scale``: expected primary counts per unit of voxel value per view before
@@ -103,11 +104,15 @@ def simulate_projections(activity: np.ndarray, mu_map: np.ndarray | None, spacin
     ``upsample`` > 1 projects an object refined by that factor onto detector pixels of the
     finer pitch and sums them back, so that reconstructing with the coarse model is not an
     inverse crime. Scatter in the photopeak is ``scatter_fraction`` times the primary blurred
-    by a Gaussian of ``scatter_sigma_cm`` in each view.
+    by a Gaussian of ``scatter_sigma_cm`` in each view. ``detector_binning`` > 1: ``activity`` is
+    already drawn on a grid that many times finer than the reconstruction (a phantom with real
+    sub-voxel detail); its projections are summed into detector pixels that many times larger.
     """
-    if upsample < 1 or int(upsample) != upsample:
-        raise SSPECTError(f"upsample must be a positive integer; got {upsample}.")
+    for name, factor in (("upsample", upsample), ("detector_binning", detector_binning)):
+        if factor < 1 or int(factor) != factor:
+            raise SSPECTError(f"{name} must be a positive integer; got {factor}.")
     upsample = int(upsample)
+    binning = upsample * int(detector_binning)
     angles_deg = np.linspace(0.0, 360.0, n_views, endpoint=False)
     radii_cm = np.full(n_views, radius_mm / 10.0)
     half_width_mm = activity.shape[0] * spacing_mm[0] / 2
@@ -123,9 +128,12 @@ def simulate_projections(activity: np.ndarray, mu_map: np.ndarray | None, spacin
     fine_spacing = tuple(float(s) / upsample for s in spacing_mm)
     fine = forward_project(fine_activity, fine_mu, fine_spacing, angles_deg, radii_cm, collimator, energy_keV)
     n_theta, n_r, n_z = fine.shape
-    primary = counts_scale * fine.reshape(n_theta, n_r // upsample, upsample, n_z // upsample, upsample).sum(axis=(2, 4))
+    if n_r % binning or n_z % binning:
+        raise SSPECTError(f"The grid {activity.shape} does not bin by {binning}; use sizes divisible by it.")
+    primary = counts_scale * fine.reshape(n_theta, n_r // binning, binning, n_z // binning, binning).sum(axis=(2, 4))
 
-    sigma_pixels = (scatter_sigma_cm * 10.0 / spacing_mm[0], scatter_sigma_cm * 10.0 / spacing_mm[2])
+    pixel_mm = (float(spacing_mm[0]) * detector_binning, float(spacing_mm[2]) * detector_binning)
+    sigma_pixels = (scatter_sigma_cm * 10.0 / pixel_mm[0], scatter_sigma_cm * 10.0 / pixel_mm[1])
     scatter = scatter_fraction * np.stack([gaussian_filter(view, sigma_pixels, mode="constant") for view in primary])
     # TEW: scatter = (lower/w_lower + upper/w_upper) * w_peak / 2, with upper/keV = r * lower/keV.
     lower_per_keV = 2.0 * scatter / (LU177_PEAK.width_keV * (1.0 + UPPER_TO_LOWER_PER_KEV))
@@ -142,3 +150,17 @@ def simulate_projections(activity: np.ndarray, mu_map: np.ndarray | None, spacin
         peak=np.asarray(peak, np.float32), lower=np.asarray(lower, np.float32), upper=np.asarray(upper, np.float32),
         angles_deg=angles_deg, radii_cm=radii_cm, expected_primary=primary.astype(np.float32),
         expected_scatter=scatter.astype(np.float32))
+
+
+def draw_counts(expected: SimulatedProjections, counts_scale: float, seed: int) -> SimulatedProjections:
+    """A Poisson realisation of noiseless projections (simulated with counts_scale 1) at a count level.
+
+    The forward projection is the expensive part of a simulation; the harness projects each
+    phantom once and draws every count level and noise realisation from it.
+    """
+    rng = np.random.default_rng(seed)
+    peak, lower, upper = (rng.poisson(np.clip(counts_scale * m, 0, None)).astype(np.float32)
+                          for m in (expected.peak, expected.lower, expected.upper))
+    return SimulatedProjections(peak=peak, lower=lower, upper=upper, angles_deg=expected.angles_deg,
+                                radii_cm=expected.radii_cm, expected_primary=counts_scale * expected.expected_primary,
+                                expected_scatter=counts_scale * expected.expected_scatter, windows=expected.windows)

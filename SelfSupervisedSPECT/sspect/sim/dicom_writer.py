@@ -317,6 +317,25 @@ def write_ct_series(folder, hu_volume: Volume, study_uid: str, frame_of_referenc
     return paths
 
 
+def hu_to_mu(hu: np.ndarray, photopeak_keV: float = (LU177_PEAK.lower_keV + LU177_PEAK.upper_keV) / 2,
+              model: str = "Optima CT540") -> np.ndarray:
+    """mu (1/cm) at the photopeak from PyTomography's HU -> mu table for the CT this module writes.
+
+    PyTomography looks the table entry up from a CT file's model and kVp, so one tiny slice of
+    such a CT is written to a temporary folder for it to read.
+    """
+    import tempfile
+
+    from pytomography.io.SPECT.dicom import get_HU2mu_conversion
+
+    with tempfile.TemporaryDirectory() as folder:
+        probe = write_ct_series(folder, Volume(np.zeros((2, 2, 1), np.float32), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)),
+                                generate_uid(), generate_uid(), model=model)
+        with contextlib.redirect_stdout(io.StringIO()):
+            conversion = get_HU2mu_conversion([str(probe[0])], photopeak_keV)
+    return conversion(np.asarray(hu, np.float32)).astype(np.float32)
+
+
 def write_demo_study(folder, seed: int = 0, layout: str = "GE", rotation: str = "CC", n_views: int = 32,
                      noise: bool = True, upsample: int = 1, shape=(48, 48, 48), voxel_mm: float = 8.0,
                      sensitivity_cps_per_mbq: float = 9.0, frame_duration_s: float = 20.0,
@@ -328,18 +347,13 @@ def write_demo_study(folder, seed: int = 0, layout: str = "GE", rotation: str = 
     The GE layout orders windows peak, upper, lower (as the real GE study does); Siemens
     orders them peak, lower, upper.
     """
-    from pytomography.io.SPECT.dicom import get_HU2mu_conversion
-
     if layout not in LAYOUTS:
         raise SSPECTError(f"Unknown NM layout '{layout}'; choose one of {', '.join(LAYOUTS)}.")
     folder = Path(folder)
     phantom = demo_phantom(shape, voxel_mm, seed)
     study_uid, frame_of_reference_uid = generate_uid(), generate_uid()
     ct_files = write_ct_series(folder / "CT", phantom.hu_volume, study_uid, frame_of_reference_uid, shuffle_seed=seed)
-    # PyTomography's own HU -> mu table for this CT model and kVp, as its readers will use it.
-    with contextlib.redirect_stdout(io.StringIO()):
-        hu_to_mu = get_HU2mu_conversion([str(f) for f in ct_files], (LU177_PEAK.lower_keV + LU177_PEAK.upper_keV) / 2)
-    mu_map = hu_to_mu(phantom.hu.astype(np.float64)).astype(np.float32)
+    mu_map = hu_to_mu(phantom.hu)
 
     scanner = LAYOUTS[layout]
     counts_scale = sensitivity_cps_per_mbq * frame_duration_s * phantom.voxel_volume_ml

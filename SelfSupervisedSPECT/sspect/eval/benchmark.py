@@ -1,0 +1,140 @@
+"""`sspect benchmark` and `sspect dataset`: the harness from the command line."""
+from __future__ import annotations
+
+import hashlib
+import re
+import sys
+from pathlib import Path
+
+from ..errors import SSPECTError
+from .harness import CLINICAL_SECONDS_PER_VIEW, HarnessConfig, PhantomSpec, build_cases, config_dict, run_cases
+
+def parse_phantoms(text: str) -> list[PhantomSpec]:
+    """'nema8,nema4,torso0,torso1' -> phantom specs."""
+    specs = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        match = re.fullmatch(r"(nema|torso)(\d+(?:\.\d+)?)?", item)
+        if not match:
+            raise SSPECTError(f"Unknown phantom '{item}'; write nema<ratio> (e.g. nema8) or torso<seed> (e.g. torso0).")
+        kind, number = match.group(1), match.group(2)
+        specs.append(PhantomSpec("nema", ratio=float(number or 8)) if kind == "nema" else PhantomSpec("torso", seed=int(number or 0)))
+    return specs
+
+
+def parse_methods(text: str) -> list[tuple[str, dict]]:
+    """'osem:iterations=4:subsets=6,bsrem:beta=0.3' -> [(name, params)], validated by the registry."""
+    from ..methods import get_method
+
+    methods = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, *pairs = item.split(":")
+        params = {}
+        for pair in pairs:
+            if "=" not in pair:
+                raise SSPECTError(f"The method setting '{pair}' must be written name=value.")
+            key, value = pair.split("=", 1)
+            params[key] = value
+        methods.append((name, get_method(name).validate(params)))
+    return methods
+
+
+def _progress(total: int):
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="case", file=sys.stderr)
+    return bar, lambda result: (bar.update(1), bar.set_postfix_str(result.case.name))
+
+
+def run_benchmark(phantoms: str, seconds: str, methods: str, realisations: int, out, workers: int = 2,
+                  scheduler: str | None = None, command: str = "sspect benchmark") -> Path:
+    """Run the grid of cases and write results.csv, curves.csv, the figures and report.md."""
+    from . import report
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = HarnessConfig()
+    levels = [float(s) for s in seconds.split(",")]
+    keep = CLINICAL_SECONDS_PER_VIEW if CLINICAL_SECONDS_PER_VIEW in levels else levels[len(levels) // 2]
+    cases = build_cases(parse_phantoms(phantoms), levels, parse_methods(methods), realisations, keep_images_at=keep)
+    bar, on_done = _progress(len(cases))
+    try:
+        results = run_cases(cases, config, out / "studies", workers, scheduler, on_done)
+    finally:
+        bar.close()
+    rows = [row for result in results for row in result.rows]
+    curves = [row for result in results for row in result.curves]
+    report.write_csv(rows, out / "results.csv")
+    report.write_csv(curves, out / "curves.csv")
+    figures = []
+    if report.plot_recovery_vs_size(rows, out / "recovery_vs_sphere_size.png"):
+        figures.append("recovery_vs_sphere_size.png")
+    truths = {spec.name: simulate_truth(spec, config) for spec in dict.fromkeys(c.phantom for c in cases)}
+    truth_means = {name: _region_means(truth) for name, truth in truths.items()}
+    for region in ("sphere_37", "sphere_17", "liver", "kidney_left"):
+        relevant = [c for c in curves if f"mean_{region}" in c]
+        name = f"bias_variance_{region}.png"
+        if relevant and report.plot_bias_variance(relevant, truth_means, out / name, region):
+            figures.append(name)
+    for result in results:
+        if result.images:
+            name = f"panels_{result.case.phantom.name}.png"
+            report.plot_panels(result.images, truths[result.case.phantom.name], out / name,
+                               f"{result.case.phantom.name}, {result.case.seconds_per_view:g} s/view, realisation 0")
+            figures.append(name)
+    report.write_markdown(out / "report.md", command, config_dict(config), rows, figures)
+    return out / "report.md"
+
+
+def simulate_truth(spec: PhantomSpec, config: HarnessConfig):
+    return spec.build(config.voxel_mm, 1)
+
+
+def _region_means(phantom) -> dict:
+    from .metrics import region_masks
+
+    return {name: float(phantom.activity[mask].mean()) for name, mask in region_masks(phantom).items()}
+
+
+def run_dataset(n: int, out, first_seed: int = 0, seconds_per_view: float = CLINICAL_SECONDS_PER_VIEW,
+                workers: int = 2, scheduler: str | None = None, osem: str = "iterations=4:subsets=6") -> Path:
+    """N torso cases (truth, labels, CT, simulated NM DICOM, OSEM image) and a manifest for training."""
+    from ..io.export import write_nrrd
+    from ..volume import Volume
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = HarnessConfig()
+    methods = parse_methods(f"osem:{osem}" if osem else "osem")
+    cases = build_cases([PhantomSpec("torso", seed=s) for s in range(first_seed, first_seed + n)], [seconds_per_view],
+                        methods, 1, keep_images_at=seconds_per_view)
+    bar, on_done = _progress(len(cases))
+    try:
+        results = run_cases(cases, config, out / "studies", workers, scheduler, on_done)
+    finally:
+        bar.close()
+    entries = []
+    for result in results:
+        truth = simulate_truth(result.case.phantom, config)
+        folder = out / "studies" / result.case.name
+        files = {"nm": folder / "NM" / "projections.dcm", "ct": folder / "CT",
+                 "truth": folder / "truth_MBq_per_mL.nrrd", "labels": folder / "labels.nrrd", "osem": folder / "osem_MBq_per_mL.nrrd"}
+        write_nrrd(truth.activity_volume, files["truth"])
+        write_nrrd(Volume(truth.labels.astype("float32"), truth.spacing, truth.origin, unit="label"), files["labels"])
+        (label, image), = result.images.items()
+        write_nrrd(Volume(image, truth.spacing, truth.origin, unit="MBq/mL"), files["osem"])
+        entries.append({"case": result.case.name, "phantom_seed": result.case.phantom.seed,
+                        "seconds_per_view": seconds_per_view, "noise_seed": result.case.realisation,
+                        "reconstruction": label, "label_names": truth.label_names,
+                        "files": {k: str(v.relative_to(out)) for k, v in files.items()},
+                        "sha256": {k: _sha256(v) for k, v in files.items() if v.is_file()},
+                        "metrics_osem": result.rows[0]})
+    manifest = {"config": config_dict(config), "n": len(entries), "cases": entries}
+    from ..atomic import write_json_atomic
+
+    write_json_atomic(out / "manifest.json", manifest)
+    return out / "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+

@@ -1,0 +1,165 @@
+"""Harness results -> CSV, a Markdown summary and the plots people look at first."""
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+import numpy as np
+
+from ..atomic import atomic_path, write_text_atomic
+
+NEMA_SPHERE = re.compile(r"rc_mean_sphere_(\d+)")
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with atomic_path(path) as partial, open(partial, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _groups(rows, keys=("phantom", "seconds_per_view", "method")):
+    grouped = {}
+    for row in rows:
+        grouped.setdefault(tuple(row[k] for k in keys), []).append(row)
+    return grouped
+
+
+def _median(rows, key):
+    values = [row[key] for row in rows if key in row and np.isfinite(row[key])]
+    return float(np.median(values)) if values else float("nan")
+
+
+def summary_table(rows: list[dict]) -> str:
+    """Medians over realisations, one line per phantom, count level and method."""
+    lines = []
+    for phantom in dict.fromkeys(row["phantom"] for row in rows):
+        subset = [row for row in rows if row["phantom"] == phantom]
+        spheres = sorted({int(m.group(1)) for row in subset for key in row if (m := NEMA_SPHERE.fullmatch(key))})
+        organs = [key[len("activity_error_pct_"):] for key in subset[0] if key.startswith("activity_error_pct_")
+                  and "sphere" not in key and key[len("activity_error_pct_"):] not in ("body", "background")]
+        cov_key = next((k for k in ("cov_background", "cov_liver") if k in subset[0]), None)
+        header = ["s/view", "method", "counts", "NRMSE", "total err %"] + ([f"CoV {cov_key[4:]}"] if cov_key else [])
+        header += [f"RC {d} mm" for d in spheres] + [f"{o} err %" for o in organs]
+        lines += [f"### {phantom}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for (_, seconds, method), group in _groups(subset).items():
+            cells = [f"{seconds:g}", method, f"{_median(group, 'photopeak_counts'):.3g}",
+                     f"{_median(group, 'nrmse'):.3f}", f"{_median(group, 'total_activity_error_pct'):+.1f}"]
+            cells += [f"{_median(group, cov_key):.3f}"] if cov_key else []
+            cells += [f"{_median(group, f'rc_mean_sphere_{d}'):.2f}" for d in spheres]
+            cells += [f"{_median(group, f'activity_error_pct_{o}'):+.1f}" for o in organs]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def bias_variance_table(rows: list[dict], regions=("liver", "kidney_left", "sphere_37", "sphere_17", "sphere_10")) -> str:
+    """Bias (%) and ensemble standard deviation (%) of region means across realisations."""
+    lines = ["| phantom | s/view | method | region | bias % | ensemble SD % | realisations |", "|---|---|---|---|---|---|---|"]
+    for (phantom, seconds, method), group in _groups(rows).items():
+        for region in regions:
+            key = f"rc_mean_{region}"
+            values = np.array([row[key] for row in group if key in row])
+            if len(values) < 2:
+                continue
+            lines.append(f"| {phantom} | {seconds:g} | {method} | {region} | {100 * (values.mean() - 1):+.1f} | "
+                         f"{100 * values.std(ddof=1):.1f} | {len(values)} |")
+    return "\n".join(lines)
+
+
+def plot_recovery_vs_size(rows: list[dict], path: Path) -> bool:
+    """NEMA: mean recovery coefficient against sphere diameter, per method and count level."""
+    nema = [row for row in rows if any(NEMA_SPHERE.fullmatch(k) for k in row)]
+    if not nema:
+        return False
+    plt = _pyplot()
+    phantoms = list(dict.fromkeys(row["phantom"] for row in nema))
+    figure, axes = plt.subplots(1, len(phantoms), figsize=(5.5 * len(phantoms), 4.2), squeeze=False)
+    for axis, phantom in zip(axes[0], phantoms):
+        for (_, seconds, method), group in _groups([r for r in nema if r["phantom"] == phantom]).items():
+            sizes = sorted(int(m.group(1)) for k in group[0] if (m := NEMA_SPHERE.fullmatch(k)))
+            axis.plot(sizes, [_median(group, f"rc_mean_sphere_{d}") for d in sizes], marker="o",
+                      label=f"{method}, {seconds:g} s/view")
+        axis.axhline(1.0, color="grey", lw=0.8)
+        axis.set(title=phantom, xlabel="sphere diameter (mm)", ylabel="recovery coefficient (mean)", ylim=(0, 1.3))
+        axis.legend(fontsize=7)
+    _save(figure, path)
+    return True
+
+
+def plot_bias_variance(curves: list[dict], truth_means: dict, path: Path, region: str) -> bool:
+    """Noise (background CoV) against recovery of ``region`` over iterations: medians over realisations."""
+    if not curves or f"mean_{region}" not in curves[0]:
+        return False
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6, 4.5))
+    for (phantom, seconds, method), group in _groups(curves).items():
+        iterations = sorted({row["iteration"] for row in group})
+        recovery = [np.median([r[f"mean_{region}"] for r in group if r["iteration"] == n]) / truth_means[phantom][region]
+                    for n in iterations]
+        noise = [np.median([r["background_cov"] for r in group if r["iteration"] == n]) for n in iterations]
+        axis.plot(noise, recovery, marker=".", label=f"{phantom} {method} {seconds:g} s/view")
+    axis.set(xlabel="background CoV (noise)", ylabel=f"recovery of {region}", title="bias-variance over iterations")
+    axis.legend(fontsize=6)
+    _save(figure, path)
+    return True
+
+
+def plot_panels(images: dict, truth, path: Path, title: str) -> None:
+    """Each method's image fused with the CT, beside the truth, and its error map (image - truth)."""
+    plt = _pyplot()
+    z = int(np.argmax(truth.activity.sum(axis=(0, 1))))
+    top = float(truth.activity.max()) * 1.1
+    columns = [("truth", truth.activity)] + list(images.items())
+    figure, axes = plt.subplots(2, len(columns), figsize=(3.2 * len(columns), 6.4), squeeze=False, facecolor="black")
+    for column, (name, image) in enumerate(columns):
+        axes[0, column].imshow(truth.hu[:, :, z].T, cmap="gray", vmin=-400, vmax=600)
+        axes[0, column].imshow(np.ma.masked_less(image[:, :, z].T, 0.05 * top), cmap="hot", vmin=0, vmax=top, alpha=0.75)
+        axes[0, column].set_title(name, color="white", fontsize=8)
+        error = image[:, :, z] - truth.activity[:, :, z]
+        shown = axes[1, column].imshow(error.T, cmap="coolwarm", vmin=-0.5 * top, vmax=0.5 * top)
+        for axis in axes[:, column]:
+            axis.axis("off")
+    figure.colorbar(shown, ax=axes[1, :], fraction=0.02, label="image - truth (MBq/mL)")
+    figure.suptitle(title, color="white")
+    _save(figure, path)
+
+
+def write_markdown(path: Path, command: str, config: dict, rows, figures: list[str]) -> None:
+    text = [
+        "# Validation harness report",
+        "",
+        f"Made with `{command}`.",
+        "",
+        "Settings: " + ", ".join(f"{k}={v}" for k, v in config.items()),
+        "",
+        "## Medians over noise realisations",
+        "",
+        summary_table(rows),
+        "## Bias and ensemble spread across realisations (region means relative to truth)",
+        "",
+        bias_variance_table(rows),
+        "",
+        "## Figures",
+        "",
+    ] + [f"![{name}]({name})" for name in figures]
+    write_text_atomic(path, "\n".join(text) + "\n")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(figure, path: Path) -> None:
+    plt = _pyplot()
+    figure.tight_layout()
+    with atomic_path(path) as partial:
+        figure.savefig(partial, dpi=110, format="png", facecolor=figure.get_facecolor())
+    plt.close(figure)

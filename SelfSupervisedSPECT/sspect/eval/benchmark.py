@@ -46,13 +46,14 @@ def _progress(total: int):
 
 
 def run_benchmark(phantoms: str, seconds: str, methods: str, realisations: int, out, workers: int = 2,
-                  scheduler: str | None = None, command: str = "sspect benchmark") -> Path:
+                  scheduler: str | None = None, command: str = "sspect benchmark",
+                  config: HarnessConfig | None = None) -> Path:
     """Run the grid of cases and write results.csv, curves.csv, the figures and report.md."""
     from . import report
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    config = HarnessConfig()
+    config = config or HarnessConfig()
     levels = [float(s) for s in seconds.split(",")]
     keep = CLINICAL_SECONDS_PER_VIEW if CLINICAL_SECONDS_PER_VIEW in levels else levels[len(levels) // 2]
     cases = build_cases(parse_phantoms(phantoms), levels, parse_methods(methods), realisations, keep_images_at=keep)
@@ -86,7 +87,7 @@ def run_benchmark(phantoms: str, seconds: str, methods: str, realisations: int, 
 
 
 def simulate_truth(spec: PhantomSpec, config: HarnessConfig):
-    return spec.build(config.voxel_mm, 1)
+    return spec.build(config)
 
 
 def _region_means(phantom) -> dict:
@@ -96,14 +97,15 @@ def _region_means(phantom) -> dict:
 
 
 def run_dataset(n: int, out, first_seed: int = 0, seconds_per_view: float = CLINICAL_SECONDS_PER_VIEW,
-                workers: int = 2, scheduler: str | None = None, osem: str = "iterations=4:subsets=6") -> Path:
+                workers: int = 2, scheduler: str | None = None, osem: str = "iterations=4:subsets=6",
+                config: HarnessConfig | None = None) -> Path:
     """N torso cases (truth, labels, CT, simulated NM DICOM, OSEM image) and a manifest for training."""
     from ..io.export import write_nrrd
     from ..volume import Volume
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    config = HarnessConfig()
+    config = config or HarnessConfig()
     methods = parse_methods(f"osem:{osem}" if osem else "osem")
     cases = build_cases([PhantomSpec("torso", seed=s) for s in range(first_seed, first_seed + n)], [seconds_per_view],
                         methods, 1, keep_images_at=seconds_per_view)

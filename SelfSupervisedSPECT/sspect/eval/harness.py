@@ -32,21 +32,18 @@ class PhantomSpec:
     def name(self) -> str:
         return f"nema{self.ratio:g}to1" if self.kind == "nema" else f"torso{self.seed}"
 
-    def build(self, voxel_mm: float, oversample: int = 1):
+    def build(self, config: "HarnessConfig", oversample: int = 1):
+        """The phantom on the reconstruction grid, or ``oversample`` times finer (same field of view)."""
         from ..sim import phantom
 
-        fine_voxel = voxel_mm / oversample
+        voxel_mm = config.voxel_mm / oversample
         if self.kind == "nema":
-            return phantom.nema_iec_phantom(voxel_mm=fine_voxel, sphere_to_background=self.ratio,
-                                            shape=tuple(n * oversample for n in NEMA_SHAPE))
+            return phantom.nema_iec_phantom(voxel_mm=voxel_mm, sphere_to_background=self.ratio,
+                                            shape=tuple(n * oversample for n in config.nema_shape))
         if self.kind == "torso":
-            return phantom.torso_phantom(seed=self.seed, voxel_mm=fine_voxel,
-                                         shape=tuple(n * oversample for n in TORSO_SHAPE))
+            return phantom.torso_phantom(seed=self.seed, voxel_mm=voxel_mm,
+                                         shape=tuple(n * oversample for n in config.torso_shape))
         raise SSPECTError(f"Unknown phantom '{self.kind}'; choose nema or torso.")
-
-
-NEMA_SHAPE = (72, 72, 48)
-TORSO_SHAPE = (80, 80, 96)
 
 
 @dataclass(frozen=True)
@@ -58,6 +55,8 @@ class HarnessConfig:
     sensitivity_cps_per_MBq: float = 9.0
     layout: str = "GE"
     collimator_code: str = "GI-MEGP"
+    nema_shape: tuple = (72, 72, 48)  # 318 x 318 x 212 mm: the 300 x 230 mm body with margin
+    torso_shape: tuple = (80, 80, 96)
 
 
 @dataclass(frozen=True)
@@ -86,17 +85,17 @@ def simulate_expected(spec: PhantomSpec, config: HarnessConfig) -> dict:
     from ..sim.acquisition import simulate_projections
     from ..sim.dicom_writer import hu_to_mu
 
-    fine = spec.build(config.voxel_mm, config.oversample)
-    coarse = spec.build(config.voxel_mm, 1)
+    fine = spec.build(config, config.oversample)
+    coarse = spec.build(config)
     expected = simulate_projections(fine.activity, hu_to_mu(fine.hu), fine.spacing, n_views=config.n_views,
                                     radius_mm=config.radius_mm, collimator=config.collimator_code,
-                                    counts_scale=coarse.voxel_volume_ml, noise=False,
+                                    counts_scale=fine.voxel_volume_ml, noise=False,
                                     detector_binning=config.oversample)
     return {"expected": expected, "truth": coarse}
 
 
 def counts_scale(config: HarnessConfig, seconds_per_view: float) -> float:
-    """Projections simulated with counts_scale = voxel mL are per MBq/mL; this makes them counts."""
+    """Projections simulated with counts_scale = (fine) voxel mL are per MBq/mL; this makes them counts."""
     return config.sensitivity_cps_per_MBq * seconds_per_view
 
 

@@ -71,7 +71,7 @@ def run_benchmark(phantoms: str, seconds: str, methods: str, realisations: int, 
         figures.append("recovery_vs_sphere_size.png")
     truths = {spec.name: simulate_truth(spec, config) for spec in dict.fromkeys(c.phantom for c in cases)}
     truth_means = {name: _region_means(truth) for name, truth in truths.items()}
-    for region in ("sphere_37", "sphere_17", "liver", "kidney_left"):
+    for region in ("sphere_37", "sphere_17", "liver", "kidney_left_cortex"):
         relevant = [c for c in curves if f"mean_{region}" in c]
         name = f"bias_variance_{region}.png"
         if relevant and report.plot_bias_variance(relevant, truth_means, out / name, region):

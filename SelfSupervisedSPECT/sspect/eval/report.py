@@ -55,7 +55,7 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def bias_variance_table(rows: list[dict], regions=("liver", "kidney_left", "sphere_37", "sphere_17", "sphere_10")) -> str:
+def bias_variance_table(rows: list[dict], regions=("liver", "kidney_left_cortex", "spleen", "sphere_37", "sphere_17", "sphere_10")) -> str:
     """Bias (%) and ensemble standard deviation (%) of region means across realisations."""
     lines = ["| phantom | s/view | method | region | bias % | ensemble SD % | realisations |", "|---|---|---|---|---|---|---|"]
     for (phantom, seconds, method), group in _groups(rows).items():

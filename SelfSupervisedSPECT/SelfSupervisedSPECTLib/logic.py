@@ -1,0 +1,582 @@
+"""The module's logic, MRML only: inputs from DICOM/MRML -> job file; results -> nodes, fusion, statistics.
+
+The app's ``SelfSupervisedSPECTLogic(ScriptedLoadableModuleLogic, SelfSupervisedSPECTLogicBase)``
+mixes this class in; on its own it runs in the Slicer Python console, in scripts, and headless
+on slicer-core. It uses ``slicer.mrmlScene`` and ``slicer.util`` helpers only, never ``slicer.app``,
+qt or ctk, and never the engine's Python packages: the engine runs in a separate process.
+
+Every failure a user can cause raises ``DoorError`` with one sentence, before the scene is
+touched; nodes are built outside the scene and added together at the end, and removed again if
+adding them fails, so a failure never leaves half-added nodes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import vtk
+from vtk.util import numpy_support
+
+import slicer
+
+from . import dicom
+from .engine import DONE, EngineRun, default_python
+from .errors import DoorError
+
+ATTRIBUTE = "SelfSupervisedSPECT."
+PROJECTION_FILES = ATTRIBUTE + "ProjectionFiles"
+SOURCE_FILES = ATTRIBUTE + "SourceFiles"
+ROLE = ATTRIBUTE + "Role"
+PET_HEAT = "vtkMRMLPETProceduralColorNodePET-Heat"
+GREY = "vtkMRMLColorTableNodeGrey"
+JOB_OPTIONS = ("calibration_cps_per_MBq", "device", "windows", "output_dir", "collimator", "seed")
+WINDOW_KEYS = ("peak", "lower", "upper")
+SHORT_PARAMS = {"iterations": "it", "subsets": "ss", "beta": "b"}
+UNITS = {  # unit the engine writes -> (UCUM code, meaning), quantity
+    "Bq/mL": (("Bq/mL", "UCUM", "becquerel per milliliter"),
+              ("activity-concentration", "99SSPECT", "Activity concentration")),
+    "counts": (("{counts}", "UCUM", "counts"), ("counts-per-voxel", "99SSPECT", "Counts per voxel")),
+}
+
+# Headless only: the colour logic that owns the default colour nodes. It must outlive every
+# caller (deleting it removes its colour nodes from the scene), so it is kept here, per scene.
+_HEADLESS_LOGICS: dict = {}
+
+
+class SelfSupervisedSPECTLogicBase:
+    """Inputs to job files, engine runs, results into the scene; plain Python on MRML."""
+
+    def __init__(self, python_executable=None, engine_env=None, work_root=None):
+        super().__init__()
+        self.python_executable = python_executable or default_python()
+        self.engine_env = dict(engine_env or {})
+        self.work_root = Path(work_root) if work_root else Path(tempfile.gettempdir()) / "SelfSupervisedSPECT"
+        self._methods_cache = None
+
+    # -- the engine ----------------------------------------------------------------------------
+    def _engine_environment(self, device: str = "auto") -> dict:
+        environment = dict(self.engine_env)
+        if str(device).lower() == "cpu":
+            environment["CUDA_VISIBLE_DEVICES"] = "-1"
+        return environment
+
+    def methods(self) -> dict:
+        """The engine's registry, {name: {name, title, family, params: [...]}}, asked once."""
+        if self._methods_cache is None:
+            command = [self.python_executable, "-m", "sspect", "methods"]
+            environment = {**os.environ, **self._engine_environment()}
+            try:
+                done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment,
+                                      stdin=subprocess.DEVNULL)
+            except (OSError, subprocess.SubprocessError) as error:
+                raise DoorError(f"The engine could not be started with {self.python_executable} ({error}); "
+                                "check the Python interpreter set for the module.") from None
+            if done.returncode != 0:
+                lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+                cause = lines[-1].strip()[:200] if lines else f"exit code {done.returncode}"
+                raise DoorError(f"The engine did not list its methods ({cause}); check that the sspect package "
+                                f"is installed for {self.python_executable}.")
+            try:
+                registry = json.loads(done.stdout)
+            except ValueError:
+                raise DoorError("The engine's list of methods was not valid JSON; update the sspect package.") from None
+            if not isinstance(registry, dict):
+                raise DoorError("The engine's list of methods has an unexpected shape; update the sspect package.")
+            self._methods_cache = registry
+        return self._methods_cache
+
+    # -- inputs --------------------------------------------------------------------------------
+    def load_projection_series(self, files, name=None):
+        """Show an NM TOMO file's photopeak views as a volume; the files go with the node for the job."""
+        if isinstance(files, (str, os.PathLike)):
+            files = [files]
+        loaded = dicom.read_projections(files)
+        node = self._volume_node(loaded, name or loaded.info.series_description or "NM projections")
+        node.SetAttribute(PROJECTION_FILES, json.dumps(loaded.files))
+        node.SetAttribute(ROLE, "projections")
+        if loaded.extra.get("photopeak_keV"):
+            node.SetAttribute(ATTRIBUTE + "DisplayedWindowKeV", json.dumps(loaded.extra["photopeak_keV"]))
+        display = slicer.vtkMRMLScalarVolumeDisplayNode()
+        display.SetAutoWindowLevel(True)
+        self._add_to_scene(node, display, GREY, info=loaded.info)
+        return node
+
+    def load_ct_series(self, files, name=None):
+        """A CT series from its files (console and tests; in the app Slicer's DICOM plugin loads CT)."""
+        if isinstance(files, (str, os.PathLike)):
+            path = Path(files)
+            files = sorted(str(p) for p in path.iterdir() if p.is_file()) if path.is_dir() else [str(path)]
+        loaded = dicom.read_ct(files)
+        node = self._volume_node(loaded, name or loaded.info.series_description or "CT")
+        node.SetAttribute(SOURCE_FILES, json.dumps(loaded.files))
+        node.SetAttribute(ROLE, "ct")
+        display = slicer.vtkMRMLScalarVolumeDisplayNode()
+        display.SetAutoWindowLevel(False)
+        display.SetWindowLevel(400.0, 40.0)  # soft tissue
+        self._add_to_scene(node, display, GREY, info=loaded.info)
+        return node
+
+    def files_for_node(self, node) -> list:
+        """The DICOM files a node was loaded from: our own attributes, else Slicer's DICOM database."""
+        if node is None:
+            raise DoorError("No volume was selected; choose the series to use.")
+        for key in (PROJECTION_FILES, SOURCE_FILES):
+            value = node.GetAttribute(key)
+            if value:
+                try:
+                    files = json.loads(value)
+                except ValueError:
+                    files = None
+                if isinstance(files, list) and files:
+                    return [str(f) for f in files]
+        uids = node.GetAttribute("DICOM.instanceUIDs")
+        database = getattr(slicer, "dicomDatabase", None)
+        if uids and database is not None:
+            files = [database.fileForInstance(uid) for uid in uids.split()]
+            if files and all(files):
+                return files
+            raise DoorError(f"Some files of '{node.GetName()}' are no longer in the DICOM database; "
+                            "import the study into the DICOM database again.")
+        raise DoorError(f"'{node.GetName()}' was not loaded from DICOM; load it through the DICOM browser.")
+
+    def _projection_files(self, nodes) -> list:
+        files = []
+        for node in nodes:
+            if node is None:
+                raise DoorError("No projection series was selected; choose the NM TOMO series of the study.")
+            role = node.GetAttribute(ROLE)
+            if role and role != "projections":
+                what = "a CT series" if role == "ct" else f"a {role} volume"
+                raise DoorError(f"'{node.GetName()}' is {what}, not SPECT projections; choose the NM TOMO series "
+                                "(the raw projections) as input.")
+            node_files = self.files_for_node(node)
+            for path in node_files:
+                dicom.check_projection_header(dicom.read_header(path), path)
+            files += node_files
+        return files
+
+    def _ct_files(self, ct_node, projection_nodes) -> list | None:
+        if ct_node is None:
+            return None
+        if any(ct_node is node for node in projection_nodes) or ct_node.GetAttribute(ROLE) == "projections":
+            raise DoorError(f"'{ct_node.GetName()}' holds SPECT projections, not a CT; choose the CT series "
+                            "for attenuation correction.")
+        if ct_node.GetAttribute(ROLE) == "result":
+            raise DoorError(f"'{ct_node.GetName()}' is a reconstruction, not a CT; choose the CT series for "
+                            "attenuation correction.")
+        files = self.files_for_node(ct_node)
+        missing = [f for f in files if not Path(f).is_file()]
+        if missing:
+            raise DoorError(f"The CT file {missing[0]} no longer exists; reload the CT from the DICOM database.")
+        return files
+
+    # -- the job -------------------------------------------------------------------------------
+    def build_job(self, projection_node, ct_node, method="osem", params=None, calibration_cps_per_MBq=None,
+                  device="auto", windows=None, output_dir=None, collimator=None, seed=0):
+        """Write a job file (sspect/jobs.py schema) into a new folder under ``work_root``.
+
+        ``projection_node`` may be a list of nodes, one per bed. Returns (job dict, job path).
+        """
+        projection_nodes = list(projection_node) if isinstance(projection_node, (list, tuple)) else [projection_node]
+        params = dict(params or {})
+        registry = self.methods()
+        if method not in registry:
+            raise DoorError(f"The engine has no method '{method}'; choose one of {', '.join(sorted(registry))}.")
+        known = [p.get("name") for p in registry[method].get("params", [])]
+        unknown = sorted(set(params) - set(known))
+        if unknown:
+            title = registry[method].get("title", method)
+            raise DoorError(f"{title} has no parameter {', '.join(repr(u) for u in unknown)}; "
+                            f"its parameters are {', '.join(known) or 'none'}.")
+        if calibration_cps_per_MBq is not None:
+            try:
+                calibration_cps_per_MBq = float(calibration_cps_per_MBq)
+            except (TypeError, ValueError):
+                calibration_cps_per_MBq = -1.0
+            if not calibration_cps_per_MBq > 0:
+                raise DoorError("The calibration factor must be a positive number of counts per second per MBq.")
+        windows = dict(windows or {})
+        unknown = sorted(set(windows) - set(WINDOW_KEYS))
+        if unknown:
+            raise DoorError(f"Unknown energy window role {', '.join(unknown)}; the roles are peak, lower and upper.")
+        nm_files = self._projection_files(projection_nodes)
+        ct_files = self._ct_files(ct_node, projection_nodes)
+
+        folder = self._new_job_folder(method)
+        job = {"version": 1, "nm": nm_files, "ct": ct_files,
+               "output_dir": str(Path(output_dir) if output_dir else folder),
+               "method": method, "params": params,
+               "windows": {key: windows.get(key) for key in WINDOW_KEYS},
+               "collimator": collimator, "calibration_cps_per_MBq": calibration_cps_per_MBq,
+               "device": device, "seed": int(seed), "formats": ["nrrd"], "name": None}
+        job_path = folder / "job.json"
+        partial = folder / "job.json.partial"
+        partial.write_text(json.dumps(job, indent=2))
+        os.replace(partial, job_path)
+        return job, job_path
+
+    def _new_job_folder(self, method: str) -> Path:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in str(method))
+        try:
+            self.work_root.mkdir(parents=True, exist_ok=True)
+            for number in range(1, 1000):
+                folder = self.work_root / (f"{stamp}-{safe}" + (f"-{number}" if number > 1 else ""))
+                try:
+                    folder.mkdir()
+                    return folder
+                except FileExistsError:
+                    continue
+        except OSError as error:
+            raise DoorError(f"The work folder {self.work_root} cannot be written ({error.strerror or error}); "
+                            "choose another work folder.") from None
+        raise DoorError(f"No new job folder could be made in {self.work_root}; clean it up or choose another work folder.")
+
+    def reconstruct(self, projection_node, ct_node, method="osem", wait=False, on_event=None, **params):
+        """Start the engine on these nodes; returns the EngineRun (finished when ``wait``).
+
+        Keyword arguments that are job options (calibration_cps_per_MBq, device, windows,
+        output_dir, collimator, seed) go to the job; the rest are the method's parameters.
+        """
+        options = {key: params.pop(key) for key in JOB_OPTIONS if key in params}
+        job, job_path = self.build_job(projection_node, ct_node, method, params, **options)
+        run = EngineRun(job_path, self.python_executable, self._engine_environment(job["device"]))
+        if wait:
+            run.wait(on_event=on_event)
+        return run
+
+    # -- results -------------------------------------------------------------------------------
+    def load_result(self, run, ct_node=None, name=None):
+        """The finished run's image as a volume node in its unit, fused with the CT in every slice view."""
+        if run is None or getattr(run, "state", None) != DONE or not getattr(run, "result", None):
+            state = getattr(run, "state", "missing")
+            reason = f": {run.error}" if getattr(run, "error", None) else ""
+            raise DoorError(f"The reconstruction has no result to load (it is {state}{reason.rstrip('.')}).")
+        result = run.result
+        nrrd = (result.get("files") or {}).get("nrrd")
+        if not nrrd or not Path(nrrd).is_file():
+            raise DoorError("The reconstruction wrote no NRRD image; run it again with the 'nrrd' output format.")
+        node = slicer.vtkMRMLScalarVolumeNode()
+        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+        storage.SetFileName(str(nrrd))
+        storage.SetSingleFile(True)
+        if not storage.ReadData(node) or node.GetImageData() is None:
+            raise DoorError(f"The result image {nrrd} could not be read; the file may be damaged, run the reconstruction again.")
+        provenance = result.get("provenance") or {}
+        unit = str(result.get("unit") or provenance.get("unit") or "counts")
+        method = str(provenance.get("method") or "result")
+        params = provenance.get("params") or {}
+        node.SetName(self._unique_name(name or result_node_name(method, params, unit)))
+        node.SetAttribute(ROLE, "result")
+        node.SetAttribute(ATTRIBUTE + "Method", method)
+        node.SetAttribute(ATTRIBUTE + "Params", json.dumps(params, sort_keys=True))
+        node.SetAttribute(ATTRIBUTE + "Unit", unit)
+        node.SetAttribute(ATTRIBUTE + "ProvenanceFile", str((result.get("files") or {}).get("provenance", "")))
+        node.SetAttribute(ATTRIBUTE + "JobFile", str(getattr(run, "job_path", "")))
+        set_voxel_units(node, unit)
+
+        values = slicer.util.arrayFromVolume(node)
+        high = float(np.percentile(values, 99.5)) if values.size else 0.0
+        if not high > 0:
+            high = float(values.max()) if values.size and values.max() > 0 else 1.0
+        display = slicer.vtkMRMLScalarVolumeDisplayNode()
+        display.SetAutoWindowLevel(False)
+        display.SetWindowLevelMinMax(0.0, high)
+        self._add_to_scene(node, display, PET_HEAT, next_to=ct_node)
+        self.show_fused(ct_node, node)
+        return node
+
+    def show_fused(self, ct_node, activity_node, opacity=0.5):
+        """Every slice view: CT behind, activity in front at ``opacity``, views linked."""
+        scene = self._scene()
+        composites = scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
+        composites.UnRegister(None)
+        count = 0
+        for index in range(composites.GetNumberOfItems()):
+            composite = composites.GetItemAsObject(index)
+            modifying = composite.StartModify()
+            if ct_node is not None:
+                composite.SetBackgroundVolumeID(ct_node.GetID())
+            if activity_node is not None:
+                composite.SetForegroundVolumeID(activity_node.GetID())
+            composite.SetForegroundOpacity(float(opacity))
+            if hasattr(composite, "SetLinkedControl"):
+                composite.SetLinkedControl(True)
+            composite.EndModify(modifying)
+            count += 1
+        return count
+
+    def dosimetry_table(self, segmentation_node, volume_nodes):
+        """One row per segment: volume (mL) and, per volume, mean, max and (in Bq/mL) total MBq."""
+        if segmentation_node is None or not segmentation_node.IsA("vtkMRMLSegmentationNode"):
+            raise DoorError("No segmentation was selected; choose a segmentation with the organs and lesions to measure.")
+        if volume_nodes is None:
+            volume_nodes = []
+        elif not isinstance(volume_nodes, (list, tuple)):
+            volume_nodes = [volume_nodes]
+        if not volume_nodes:
+            raise DoorError("No reconstruction was selected; choose at least one volume to measure.")
+        segmentation = segmentation_node.GetSegmentation()
+        segment_ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+        if not segment_ids:
+            raise DoorError(f"The segmentation '{segmentation_node.GetName()}' has no segments; add the organs and lesions first.")
+        for volume in volume_nodes:
+            if volume is None or not volume.IsA("vtkMRMLScalarVolumeNode") or volume.GetImageData() is None:
+                raise DoorError("One of the selected volumes holds no image; choose reconstructed volumes.")
+        binary = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+        if not segmentation.ContainsRepresentation(binary):
+            if not segmentation_node.CreateBinaryLabelmapRepresentation():
+                raise DoorError(f"The segmentation '{segmentation_node.GetName()}' could not be turned into voxels; "
+                                "check that its segments are closed surfaces or labelmaps.")
+
+        masks_by_segment = {sid: self._segment_mask(segmentation_node, sid) for sid in segment_ids}
+        names = [segmentation.GetSegment(sid).GetName() for sid in segment_ids]
+        columns = [("Volume (mL)", "mL", [masks_by_segment[sid][1] for sid in segment_ids])]
+        for volume in volume_nodes:
+            values, reference, voxel_ml = self._volume_values(volume)
+            unit = volume_unit(volume)
+            means, maxima, totals = [], [], []
+            for sid in segment_ids:
+                mask = _resample_mask(masks_by_segment[sid][0], reference)
+                inside = values[mask]
+                means.append(float(inside.mean()) if inside.size else float("nan"))
+                maxima.append(float(inside.max()) if inside.size else float("nan"))
+                totals.append(float(inside.sum(dtype=np.float64) * voxel_ml / 1e6) if inside.size else 0.0)
+            label = volume.GetName()
+            columns.append((f"{label} mean", unit, means))
+            columns.append((f"{label} max", unit, maxima))
+            if unit == "Bq/mL":
+                columns.append((f"{label} MBq", "MBq", totals))
+
+        table = slicer.vtkMRMLTableNode()
+        table.SetName(self._unique_name(f"{segmentation_node.GetName()} dosimetry"))
+        segment_column = vtk.vtkStringArray()
+        segment_column.SetName("Segment")
+        for segment_name in names:
+            segment_column.InsertNextValue(segment_name)
+        table.AddColumn(segment_column)
+        for column_name, unit, numbers in columns:
+            array = vtk.vtkDoubleArray()
+            array.SetName(column_name)
+            for number in numbers:
+                array.InsertNextValue(number)
+            table.AddColumn(array)
+            if unit:
+                table.SetColumnUnitLabel(column_name, unit)
+        table.SetAttribute(ATTRIBUTE + "Role", "dosimetry")
+        scene = self._scene()
+        scene.AddNode(table)
+        return table
+
+    def _segment_mask(self, segmentation_node, segment_id):
+        """(oriented binary labelmap in world coordinates, segment volume in mL)."""
+        image = slicer.vtkOrientedImageData()
+        segmentation_node.GetBinaryLabelmapRepresentation(segment_id, image)  # this segment only, 0/1
+        if segmentation_node.GetParentTransformNode() is not None:
+            slicer.vtkSlicerSegmentationsModuleLogic.ApplyParentTransformToOrientedImageData(segmentation_node, image)
+        scalars = image.GetPointData().GetScalars() if image.GetPointData() else None
+        if scalars is None or image.GetNumberOfPoints() == 0:
+            return image, 0.0
+        count = int(np.count_nonzero(numpy_support.vtk_to_numpy(scalars)))
+        matrix = vtk.vtkMatrix4x4()
+        image.GetImageToWorldMatrix(matrix)
+        voxel_ml = abs(np.linalg.det(slicer.util.arrayFromVTKMatrix(matrix)[:3, :3])) / 1000.0
+        return image, count * voxel_ml
+
+    def _volume_values(self, volume):
+        """(voxel values [k, j, i], reference geometry in world coordinates, voxel volume in mL)."""
+        ijk_to_ras = vtk.vtkMatrix4x4()
+        volume.GetIJKToRASMatrix(ijk_to_ras)
+        transform = volume.GetParentTransformNode()
+        if transform is not None:
+            if not transform.IsTransformToWorldLinear():
+                raise DoorError(f"'{volume.GetName()}' is under a non-linear transform; harden the transform before measuring.")
+            to_world = vtk.vtkMatrix4x4()
+            slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(transform, None, to_world)
+            vtk.vtkMatrix4x4.Multiply4x4(to_world, ijk_to_ras, ijk_to_ras)
+        reference = slicer.vtkOrientedImageData()
+        reference.SetExtent(volume.GetImageData().GetExtent())
+        reference.SetImageToWorldMatrix(ijk_to_ras)
+        values = np.array(slicer.util.arrayFromVolume(volume), dtype=np.float64)
+        voxel_ml = abs(np.linalg.det(slicer.util.arrayFromVTKMatrix(ijk_to_ras)[:3, :3])) / 1000.0
+        return values, reference, voxel_ml
+
+    # -- scene helpers -------------------------------------------------------------------------
+    @staticmethod
+    def _scene():
+        scene = getattr(slicer, "mrmlScene", None)
+        if scene is None:
+            raise RuntimeError("slicer.mrmlScene is not set; run inside 3D Slicer, or install a scene first "
+                               "(headless: Testing/Python/slicer_app_shim.install()).")
+        return scene
+
+    def _unique_name(self, name: str) -> str:
+        scene = self._scene()
+        return scene.GenerateUniqueName(name) if scene.GetFirstNodeByName(name) else name
+
+    @staticmethod
+    def _volume_node(loaded, name):
+        node = slicer.vtkMRMLScalarVolumeNode()
+        node.SetName(name)
+        slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(loaded.array))
+        node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(loaded.ijk_to_ras))
+        if loaded.info.instance_uids:
+            node.SetAttribute("DICOM.instanceUIDs", " ".join(loaded.info.instance_uids))
+        return node
+
+    def _add_to_scene(self, node, display, color_id, info=None, next_to=None):
+        """Add a data node and its display node together; on any failure remove both again."""
+        scene = self._scene()
+        added = []
+        try:
+            if color_id:
+                ensure_color_node(scene, color_id)
+            added.append(scene.AddNode(display))
+            if color_id and scene.GetNodeByID(color_id) is not None:
+                display.SetAndObserveColorNodeID(color_id)
+            added.append(scene.AddNode(node))
+            node.SetAndObserveDisplayNodeID(display.GetID())
+            self._place_in_hierarchy(node, info=info, next_to=next_to)
+        except Exception:
+            for added_node in reversed(added):
+                if added_node is not None and scene.IsNodePresent(added_node):
+                    scene.RemoveNode(added_node)
+            raise
+        return node
+
+    def _place_in_hierarchy(self, node, info=None, next_to=None):
+        """Put the node under the patient and study of its DICOM series, or beside ``next_to``.
+
+        In the app, subject hierarchy items appear by themselves when a node is added (Qt plugin
+        logic); headless they do not, so missing items are created here.
+        """
+        scene = self._scene()
+        hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+        if hierarchy is None:
+            return
+        invalid = hierarchy.GetInvalidItemID()
+        scene_item = hierarchy.GetSceneItemID()
+        parent = scene_item
+        if next_to is not None:
+            neighbour = hierarchy.GetItemByDataNode(next_to)
+            if neighbour == invalid:
+                neighbour = hierarchy.CreateItem(scene_item, next_to)
+            parent = hierarchy.GetItemParent(neighbour)
+        elif info is not None and (info.patient_id or info.study_uid):
+            parent = _study_item(hierarchy, info)
+        item = hierarchy.GetItemByDataNode(node)
+        if item == invalid:
+            hierarchy.CreateItem(parent, node)
+        elif hierarchy.GetItemParent(item) != parent:
+            hierarchy.SetItemParent(item, parent)
+
+
+def _study_item(hierarchy, info):
+    """The patient/study items of a DICOM series, found by DICOM UID (as Slicer's DICOM loaders set them) or made."""
+    invalid = hierarchy.GetInvalidItemID()
+    patient = hierarchy.GetItemByUID("DICOM", info.patient_id) if info.patient_id else invalid
+    if patient == invalid:
+        patient = hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), info.patient_name or info.patient_id or "Patient")
+        if info.patient_id:
+            hierarchy.SetItemUID(patient, "DICOM", info.patient_id)
+    if not info.study_uid:
+        return patient
+    study = hierarchy.GetItemByUID("DICOM", info.study_uid)
+    if study == invalid:
+        study = hierarchy.CreateStudyItem(patient, info.study_description or "Study")
+        hierarchy.SetItemUID(study, "DICOM", info.study_uid)
+    return study
+
+
+def ensure_color_node(scene, color_node_id: str) -> None:
+    """Make the default colour nodes exist. In the app they always do; headless, a colour logic
+    must create them, and it must stay alive, or it takes its nodes with it."""
+    if scene.GetNodeByID(color_node_id) is not None:
+        return
+    key = scene.GetAddressAsString("vtkMRMLScene")
+    if key in _HEADLESS_LOGICS:  # the scene was cleared since (a test's setUp): add the defaults again
+        _HEADLESS_LOGICS[key][1].AddDefaultColorNodes()
+        return
+    application = slicer.vtkMRMLApplicationLogic()
+    application.SetMRMLScene(scene)
+    colors = slicer.vtkMRMLColorLogic()
+    colors.SetMRMLApplicationLogic(application)
+    colors.SetMRMLScene(scene)
+    application.SetColorLogic(colors)
+    application.SetModuleLogic("Colors", colors)
+    _HEADLESS_LOGICS[key] = (application, colors)
+
+
+def release_headless_logics() -> None:
+    """Headless teardown: drop the colour logics made by ensure_color_node (they remove their nodes)."""
+    while _HEADLESS_LOGICS:
+        _, (application, colors) = _HEADLESS_LOGICS.popitem()
+        colors.SetMRMLScene(None)
+        application.SetMRMLScene(None)
+
+
+def result_node_name(method: str, params: dict, unit: str) -> str:
+    """e.g. 'OSEM 4it 6ss [Bq/mL]'; the full parameters are in the node's Params attribute."""
+    parts = [str(method).upper()]
+    parts += [f"{value}{SHORT_PARAMS[key]}" for key, value in params.items() if key in SHORT_PARAMS]
+    return " ".join(parts) + f" [{unit}]"
+
+
+def set_voxel_units(node, unit: str) -> None:
+    """The unit as a coded entry on the volume (Slicer 5.x), when this Slicer has voxel units."""
+    codes = UNITS.get(unit)
+    if codes is None or not hasattr(node, "SetVoxelValueUnits") or not hasattr(slicer, "vtkCodedEntry"):
+        return
+    (unit_code, quantity_code) = codes
+    units = slicer.vtkCodedEntry()
+    units.SetValueSchemeMeaning(*unit_code)
+    node.SetVoxelValueUnits(units)
+    if hasattr(node, "SetVoxelValueQuantity"):
+        quantity = slicer.vtkCodedEntry()
+        quantity.SetValueSchemeMeaning(*quantity_code)
+        node.SetVoxelValueQuantity(quantity)
+
+
+def volume_unit(node) -> str:
+    """A volume's unit: ours, else its voxel-value units code, else an empty string."""
+    unit = node.GetAttribute(ATTRIBUTE + "Unit")
+    if unit:
+        return unit
+    units = node.GetVoxelValueUnits() if hasattr(node, "GetVoxelValueUnits") else None
+    if units is not None and units.GetCodeValue():
+        code = units.GetCodeValue()
+        return "Bq/mL" if code.lower() == "bq/ml" else code
+    return ""
+
+
+def _resample_mask(image, reference) -> np.ndarray:
+    """A segment's binary labelmap on a volume's voxels (nearest neighbour), as a boolean [k, j, i] array."""
+    extent = reference.GetExtent()
+    shape = (extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
+    mask = np.zeros(shape, bool)
+    if image.GetPointData() is None or image.GetPointData().GetScalars() is None or image.GetNumberOfPoints() == 0:
+        return mask
+    resampled = slicer.vtkOrientedImageData()
+    if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+            image, reference, resampled, False, False):
+        return mask
+    scalars = resampled.GetPointData().GetScalars() if resampled.GetPointData() else None
+    if scalars is None or resampled.GetNumberOfPoints() == 0:
+        return mask
+    got = resampled.GetExtent()
+    values = numpy_support.vtk_to_numpy(scalars).reshape(
+        got[5] - got[4] + 1, got[3] - got[2] + 1, got[1] - got[0] + 1) != 0
+    # paste the overlap of the resampled extent into the reference extent
+    lo = [max(got[2 * a], extent[2 * a]) for a in range(3)]
+    hi = [min(got[2 * a + 1], extent[2 * a + 1]) for a in range(3)]
+    if any(l > h for l, h in zip(lo, hi)):
+        return mask
+    target = tuple(slice(lo[a] - extent[2 * a], hi[a] - extent[2 * a] + 1) for a in (2, 1, 0))
+    source = tuple(slice(lo[a] - got[2 * a], hi[a] - got[2 * a] + 1) for a in (2, 1, 0))
+    mask[target] = values[source]
+    return mask

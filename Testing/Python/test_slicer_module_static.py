@@ -1,0 +1,249 @@
+"""What can be checked about the Slicer module without the Slicer app: the .ui, the imports, the
+packaging lists, the resources. (The headless self-test is test_slicer_module_selftest.py.)"""
+import ast
+import re
+import struct
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+MODULE_DIR = REPO / "SelfSupervisedSPECT"
+MODULE_FILE = MODULE_DIR / "SelfSupervisedSPECT.py"
+PLUGIN_FILE = MODULE_DIR / "DICOMSPECTProjectionsPlugin.py"
+LIB_DIR = MODULE_DIR / "SelfSupervisedSPECTLib"
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "SelfSupervisedSPECT.ui"
+WIDGET_CLASS = "SelfSupervisedSPECTWidget"
+HEAVY = {"torch", "pytomography"}
+QT_ONLY = {"qt", "ctk"}
+
+
+def _ui_tree():
+    return ET.parse(UI_FILE).getroot()
+
+
+def _ui_object_names():
+    return {element.get("name") for element in _ui_tree().iter() if element.tag in ("widget", "layout") and element.get("name")}
+
+
+def _custom_widgets():
+    return {cw.findtext("class"): cw.findtext("extends") for cw in _ui_tree().iter("customwidget")}
+
+
+def _lib_files():
+    return sorted(LIB_DIR.rglob("*.py"))
+
+
+def _file_scope_imports(path):
+    """Modules imported by statements that run when the file is imported (not inside def/class)."""
+    found = []
+
+    def visit(statements):
+        for node in statements:
+            if isinstance(node, ast.Import):
+                found.extend(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.append(node.module.split(".")[0])
+            elif isinstance(node, (ast.If, ast.Try, ast.With, ast.For, ast.While)):
+                for field in ("body", "orelse", "finalbody"):
+                    visit(getattr(node, field, []) or [])
+                for handler in getattr(node, "handlers", []) or []:
+                    visit(handler.body)
+
+    visit(ast.parse(path.read_text()).body)
+    return found
+
+
+def _imports_with_owner(path):
+    """(module, enclosing class name or None, enclosing function name or None) for every import."""
+    result = []
+
+    def visit(node, owner_class, owner_function):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.ClassDef):
+                visit(child, child.name, None)
+            elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                visit(child, owner_class, child.name)
+            else:
+                if isinstance(child, ast.Import):
+                    result.extend((a.name.split(".")[0], owner_class, owner_function) for a in child.names)
+                elif isinstance(child, ast.ImportFrom) and child.level == 0 and child.module:
+                    result.append((child.module.split(".")[0], owner_class, owner_function))
+                visit(child, owner_class, owner_function)
+
+    visit(ast.parse(path.read_text()), None, None)
+    return result
+
+
+# ---- the .ui ---------------------------------------------------------------------------------
+
+def test_ui_parses_and_is_a_mrml_widget():
+    root = _ui_tree()
+    assert root.tag == "ui"
+    top = root.find("widget")
+    assert top is not None and top.get("class") == "qMRMLWidget" and top.get("name") == "SelfSupervisedSPECT"
+
+
+def test_every_ui_widget_the_module_names_exists():
+    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text()))
+    assert used, "the module names no widget of the .ui"
+    missing = sorted(used - _ui_object_names())
+    assert missing == [], f"the module uses widgets the .ui lacks: {missing}"
+
+
+def test_ui_classes_are_qt_or_declared_custom_widgets():
+    custom = _custom_widgets()
+    for name, extends in custom.items():
+        assert re.match(r"^(ctk|qMRML|qSlicer)\w+$", name), f"custom widget {name} is not a CTK/MRML/Slicer class"
+        assert re.match(r"^(Q|ctk|qMRML|qSlicer)\w+$", extends or ""), f"{name} extends an unknown class {extends}"
+    for element in _ui_tree().iter():
+        if element.tag in ("widget", "layout"):
+            cls = element.get("class")
+            assert cls in custom or re.match(r"^Q[A-Z]\w+$", cls), f"{element.get('name')}: class {cls} is neither Qt nor declared"
+
+
+def test_mrml_widgets_get_the_scene():
+    """Each qMRML widget receives the scene through the template's mrmlSceneChanged connection."""
+    root = _ui_tree()
+    mrml_widgets = {w.get("name") for w in root.iter("widget")
+                    if w.get("class", "").startswith("qMRML") and w.get("class") != "qMRMLWidget"}
+    connected = {c.findtext("receiver") for c in root.iter("connection")
+                 if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)" and c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
+    assert mrml_widgets and mrml_widgets <= connected, f"no scene for {sorted(mrml_widgets - connected)}"
+
+
+def test_device_combo_matches_the_module_devices():
+    combo = next(w for w in _ui_tree().iter("widget") if w.get("name") == "deviceComboBox")
+    tree = ast.parse(MODULE_FILE.read_text())
+    devices = next(ast.literal_eval(node.value) for node in tree.body
+                   if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "DEVICES" for t in node.targets))
+    assert devices == ("auto", "cpu", "cuda")
+    assert len(combo.findall("item")) == len(devices)
+
+
+def test_method_parameters_have_a_form_container():
+    """Parameters are built from the registry into a QFormLayout (no GUI code per method)."""
+    container = next(w for w in _ui_tree().iter("widget") if w.get("name") == "parametersWidget")
+    assert container.find("layout").get("class") == "QFormLayout"
+    source = MODULE_FILE.read_text()
+    for method in ("osl-map", "bsrem", "dip"):
+        assert f'"{method}"' not in source and f"'{method}'" not in source, f"the panel hard-codes method {method}"
+
+
+# ---- imports ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", [MODULE_FILE, PLUGIN_FILE, *_lib_files()], ids=lambda p: p.name)
+def test_no_heavy_or_qt_import_at_file_scope(path):
+    bad = sorted(set(_file_scope_imports(path)) & (HEAVY | QT_ONLY))
+    assert bad == [], f"{path.name} imports {bad} when it is imported; import them inside the functions that need them"
+
+
+@pytest.mark.parametrize("path", [MODULE_FILE, PLUGIN_FILE, *_lib_files()], ids=lambda p: p.name)
+def test_slicer_side_never_imports_the_engine(path):
+    assert "sspect" not in {module for module, _, _ in _imports_with_owner(path)}
+
+
+def test_qt_and_heavy_imports_only_inside_widget_methods():
+    offenders = [(module, cls, fn) for module, cls, fn in _imports_with_owner(MODULE_FILE)
+                 if module in QT_ONLY | HEAVY and not (cls == WIDGET_CLASS and fn)]
+    assert offenders == [], f"qt/ctk/torch imported outside the Widget's methods: {offenders}"
+
+
+def test_lib_never_imports_qt_ctk_or_torch_anywhere():
+    for path in _lib_files():
+        bad = {module for module, _, _ in _imports_with_owner(path)} & (QT_ONLY | HEAVY)
+        assert not bad, f"{path.relative_to(REPO)} imports {sorted(bad)}"
+
+
+def test_no_star_imports():
+    for path in [MODULE_FILE, PLUGIN_FILE, *_lib_files()]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert all(alias.name != "*" for alias in node.names), f"star import in {path.name}"
+
+
+def test_util_functions_are_called_through_slicer_util():
+    """slicer-core copies slicer.util functions onto slicer.*; the real app does not."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("slicer")
+    util_source = Path(spec.origin).with_name("util.py")
+    if not util_source.is_file():
+        pytest.skip("slicer-core is not installed")
+    util_functions = {node.name for node in ast.parse(util_source.read_text()).body if isinstance(node, ast.FunctionDef)}
+    for path in [MODULE_FILE, PLUGIN_FILE, *_lib_files()]:
+        used = set(re.findall(r"\bslicer\.(\w+)", path.read_text()))
+        wrong = sorted(used & util_functions)
+        assert wrong == [], f"{path.name} calls slicer.{wrong[0]}; write slicer.util.{wrong[0]}" if wrong else ""
+
+
+def test_nothing_is_installed_at_import_or_setup():
+    tree = ast.parse(MODULE_FILE.read_text())
+    forbidden = {"pip_install", "pip_ensure", "installTorch", "_installTorch", "_installRequirements",
+                 "_ensureEngineDependencies", "methods"}
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+        for fn in (n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name in ("__init__", "setup")):
+            called = {getattr(c.func, "attr", getattr(c.func, "id", None)) for c in ast.walk(fn) if isinstance(c, ast.Call)}
+            assert not called & forbidden, f"{cls.name}.{fn.name} calls {sorted(called & forbidden)}"
+
+
+def test_every_top_level_script_is_a_loadable_module():
+    """Slicer's scripted-module factory loads every .py beside the module as a module named after the file."""
+    for path in MODULE_DIR.glob("*.py"):
+        classes = {n.name for n in ast.parse(path.read_text()).body if isinstance(n, ast.ClassDef)}
+        assert path.stem in classes, f"{path.name} has no class {path.stem}; Slicer would fail to load it as a module"
+    module_classes = {n.name for n in ast.parse(MODULE_FILE.read_text()).body if isinstance(n, ast.ClassDef)}
+    assert {"SelfSupervisedSPECT", "SelfSupervisedSPECTWidget", "SelfSupervisedSPECTLogic", "SelfSupervisedSPECTTest"} <= module_classes
+
+
+# ---- packaging -------------------------------------------------------------------------------
+
+def _cmake_list(text, variable, module_name="SelfSupervisedSPECT"):
+    match = re.search(rf"set\({variable}\s+(.*?)\)", text, flags=re.S)
+    assert match, f"{variable} is not set"
+    return {item.replace("${MODULE_NAME}", module_name) for item in match.group(1).split()}
+
+
+def test_cmake_lists_every_module_script_and_resource():
+    cmake = (MODULE_DIR / "CMakeLists.txt").read_text()
+    scripts = _cmake_list(cmake, "MODULE_PYTHON_SCRIPTS")
+    present_scripts = {p.name for p in MODULE_DIR.glob("*.py")} | {str(p.relative_to(MODULE_DIR)) for p in _lib_files()}
+    assert scripts == present_scripts, (f"missing from CMake: {sorted(present_scripts - scripts)}; "
+                                        f"listed but absent: {sorted(scripts - present_scripts)}")
+    resources = _cmake_list(cmake, "MODULE_PYTHON_RESOURCES")
+    present_resources = {str(p.relative_to(MODULE_DIR)) for p in (MODULE_DIR / "Resources").rglob("*") if p.is_file()}
+    assert resources == present_resources, (f"missing from CMake: {sorted(present_resources - resources)}; "
+                                            f"listed but absent: {sorted(resources - present_resources)}")
+    assert re.search(r"slicerMacroBuildScriptedModule\(\s*NAME \$\{MODULE_NAME\}\s+SCRIPTS \$\{MODULE_PYTHON_SCRIPTS\}"
+                     r"\s+RESOURCES \$\{MODULE_PYTHON_RESOURCES\}\s+WITH_GENERIC_TESTS\s*\)", cmake)
+    assert re.search(r"if\(BUILD_TESTING\)\s+(#.*\n\s*)*slicer_add_python_unittest\(SCRIPT \$\{MODULE_NAME\}\.py\)", cmake)
+    assert "set(MODULE_NAME SelfSupervisedSPECT)" in cmake
+
+
+def test_extension_urls_point_to_files_that_exist():
+    cmake = (REPO / "CMakeLists.txt").read_text()
+    for variable in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        urls = re.search(rf'set\({variable} "([^"]+)"\)', cmake).group(1).split()
+        assert urls, f"{variable} is empty"
+        for url in urls:
+            relative = re.sub(r"^https://raw\.githubusercontent\.com/[^/]+/[^/]+/[^/]+/", "", url)
+            assert relative != url, f"{variable} is not a raw GitHub URL: {url}"
+            assert (REPO / relative).is_file(), f"{variable} names {relative}, which is not in the repository"
+
+
+def test_icons_are_128_pixel_pngs():
+    for path in (MODULE_DIR / "Resources" / "Icons" / "SelfSupervisedSPECT.png", REPO / "Resources" / "SelfSupervisedSPECT.png"):
+        header = path.read_bytes()[:24]
+        assert header[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+        assert struct.unpack(">II", header[16:24]) == (128, 128), f"{path} is not 128 x 128"
+
+
+def test_requirements_match_the_engine_dependencies():
+    import tomllib
+
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    listed = [line.strip() for line in (MODULE_DIR / "Resources" / "requirements.txt").read_text().splitlines()
+              if line.strip() and not line.lstrip().startswith("#")]
+    assert sorted(listed) == sorted(declared)
+    assert not any(re.match(r"^torch\b", line) for line in listed), "torch is installed separately (PyTorch extension)"

@@ -481,7 +481,7 @@ class SelfSupervisedSPECTWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     @staticmethod
     def _gpuInformation():
-        """Free GPU memory, without creating a CUDA context in Slicer's process when nvidia-smi can tell."""
+        """Free GPU memory from nvidia-smi; Slicer's process never imports torch."""
         if importlib.util.find_spec("torch") is None:
             return "PyTorch is not installed yet: it is offered on the first Run (with CUDA when a GPU is found)."
         import shutil
@@ -496,15 +496,8 @@ class SelfSupervisedSPECTWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                     return described
             except (OSError, subprocess.SubprocessError, ValueError):
                 pass
-        try:
-            import torch  # only here, and only when installed
-
-            if not torch.cuda.is_available():
-                return "No CUDA GPU is visible to PyTorch: Automatic runs on the CPU."
-            free, total = torch.cuda.mem_get_info()
-            return f"GPU {torch.cuda.get_device_name()}: {free / 2**30:.1f} of {total / 2**30:.1f} GiB free"
-        except Exception as error:  # a broken torch must not break the panel
-            return f"The GPU could not be queried ({type(error).__name__}); Automatic will choose at run time."
+        # The Slicer process never imports torch (DESIGN.md); the engine reports its device when it runs.
+        return "GPU memory unknown (nvidia-smi not found); Automatic chooses the GPU at run time when PyTorch sees one."
 
     # ---- run / cancel: the state machine ------------------------------------------------------
 

@@ -118,7 +118,7 @@ def test_device_combo_matches_the_module_devices():
     tree = ast.parse(MODULE_FILE.read_text())
     devices = next(ast.literal_eval(node.value) for node in tree.body
                    if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "DEVICES" for t in node.targets))
-    assert devices == ("auto", "cpu", "cuda")
+    assert devices[:2] == ("auto", "cpu") and len(devices) == 3  # the third is the engine's GPU device name
     assert len(combo.findall("item")) == len(devices)
 
 

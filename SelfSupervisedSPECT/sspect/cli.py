@@ -140,6 +140,11 @@ def command_benchmark(args) -> int:
     from .eval.benchmark import run_benchmark
 
     command = "sspect " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["benchmark"] else "sspect benchmark"
+    if args.from_csv:
+        from .eval.benchmark import rebuild_report
+
+        print(f"Report rebuilt: read {rebuild_report(args.out, command)}")
+        return 0
     report = run_benchmark(args.phantoms, args.seconds, args.methods, args.realisations, args.out,
                            args.workers, args.scheduler, command)
     print(f"Benchmark finished: read {report}")
@@ -207,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="name:param=value:..., comma-separated")
     bench.add_argument("--realisations", type=int, default=5, help="noise realisations per case")
     bench.add_argument("--out", default="benchmark-output")
+    bench.add_argument("--from-csv", action="store_true", help="only rebuild report.md and plots from the CSVs in --out")
     _add_distribution_options(bench)
     bench.set_defaults(func=command_benchmark)
 

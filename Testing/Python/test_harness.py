@@ -110,3 +110,16 @@ def test_dataset_command_writes_cases_and_a_manifest(tmp_path):
         for kind, digest in case["sha256"].items():
             assert hashlib.sha256((tmp_path / case["files"][kind]).read_bytes()).hexdigest() == digest
         assert (tmp_path / case["files"]["nm"]).exists() and "liver" in case["label_names"]
+
+
+def test_report_is_rebuilt_from_the_csv_files(tmp_path):
+    from sspect.eval.benchmark import rebuild_report
+
+    first = run_benchmark("nema4", "20", "osem:iterations=2:subsets=4", realisations=2, out=tmp_path, workers=0,
+                          config=SMALL).read_text()
+    (tmp_path / "recovery_vs_sphere_size.png").unlink()
+    rebuilt = rebuild_report(tmp_path, "sspect benchmark --from-csv").read_text()
+    assert (tmp_path / "recovery_vs_sphere_size.png").exists()
+    table = lambda text: text[text.index("## Medians"):text.index("## Figures")]
+    assert table(rebuilt) == table(first)
+    assert "report rebuilt with `sspect benchmark --from-csv`" in rebuilt

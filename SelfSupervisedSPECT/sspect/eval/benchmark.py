@@ -13,7 +13,7 @@ def parse_phantoms(text: str) -> list[PhantomSpec]:
     """'nema8,nema4,torso0,torso1' -> phantom specs."""
     specs = []
     for item in filter(None, (t.strip() for t in text.split(","))):
-        match = re.fullmatch(r"(nema|torso)(\d+(?:\.\d+)?)?", item)
+        match = re.fullmatch(r"(nema|torso)(\d+(?:\.\d+)?)?(?:to1)?", item)
         if not match:
             raise SSPECTError(f"Unknown phantom '{item}'; write nema<ratio> (e.g. nema8) or torso<seed> (e.g. torso0).")
         kind, number = match.group(1), match.group(2)
@@ -66,24 +66,58 @@ def run_benchmark(phantoms: str, seconds: str, methods: str, realisations: int, 
     curves = [row for result in results for row in result.curves]
     report.write_csv(rows, out / "results.csv")
     report.write_csv(curves, out / "curves.csv")
+    for result in results:
+        if result.images:
+            report.plot_panels(result.images, simulate_truth(result.case.phantom, config),
+                               out / f"panels_{result.case.phantom.name}.png",
+                               f"{result.case.phantom.name}, {result.case.seconds_per_view:g} s/view, realisation 0")
+    return write_report(out, rows, curves, config, command)
+
+
+def write_report(out: Path, rows: list[dict], curves: list[dict], config: HarnessConfig, command: str,
+                 rebuilt_with: str | None = None) -> Path:
+    """Figures and report.md from metric rows (also from the CSVs of an earlier run)."""
+    from . import report
+
     figures = []
     if report.plot_recovery_vs_size(rows, out / "recovery_vs_sphere_size.png"):
         figures.append("recovery_vs_sphere_size.png")
-    truths = {spec.name: simulate_truth(spec, config) for spec in dict.fromkeys(c.phantom for c in cases)}
-    truth_means = {name: _region_means(truth) for name, truth in truths.items()}
+    specs = parse_phantoms(",".join(dict.fromkeys(row["phantom"] for row in rows)))
+    truth_means = {spec.name: _region_means(simulate_truth(spec, config)) for spec in specs}
     for region in ("sphere_37", "sphere_17", "liver", "kidney_left_cortex"):
-        relevant = [c for c in curves if f"mean_{region}" in c]
+        relevant = [c for c in curves if f"mean_{region}" in c and c[f"mean_{region}"] == c[f"mean_{region}"]]
         name = f"bias_variance_{region}.png"
         if relevant and report.plot_bias_variance(relevant, truth_means, out / name, region):
             figures.append(name)
-    for result in results:
-        if result.images:
-            name = f"panels_{result.case.phantom.name}.png"
-            report.plot_panels(result.images, truths[result.case.phantom.name], out / name,
-                               f"{result.case.phantom.name}, {result.case.seconds_per_view:g} s/view, realisation 0")
-            figures.append(name)
-    report.write_markdown(out / "report.md", command, config_dict(config), rows, figures)
+    figures += sorted(p.name for p in out.glob("panels_*.png"))
+    findings = (out / "findings.md").read_text() + "\n" if (out / "findings.md").exists() else ""
+    made_with = f"Made with `{command}`" + (f" (report rebuilt with `{rebuilt_with}`)." if rebuilt_with else ".")
+    report.write_markdown(out / "report.md", made_with, config_dict(config), rows, figures, curves, findings)
     return out / "report.md"
+
+
+def rebuild_report(out, command: str) -> Path:
+    """Rewrite report.md and the plots from results.csv and curves.csv, without recomputing."""
+    import csv
+
+    out = Path(out)
+
+    def read(name):
+        if not (out / name).exists():
+            raise SSPECTError(f"{out / name} does not exist; run the benchmark first.")
+        return [{k: _number(v) for k, v in row.items() if v != ""} for row in csv.DictReader(open(out / name))]
+
+    previous = (out / "report.md").read_text() if (out / "report.md").exists() else ""
+    made_with = re.search(r"Made with `([^`]+)`", previous)
+    original = made_with.group(1) if made_with else "an earlier run"  # keep the command that computed the numbers
+    return write_report(out, read("results.csv"), read("curves.csv"), HarnessConfig(), original, rebuilt_with=command)
+
+
+def _number(text: str):
+    try:
+        return int(text) if text.lstrip("-").isdigit() else float(text)
+    except ValueError:
+        return text
 
 
 def simulate_truth(spec: PhantomSpec, config: HarnessConfig):

@@ -138,7 +138,7 @@ def run_case(simulated: dict, case: Case, config: HarnessConfig, work_dir) -> Ca
             common = {"phantom": case.phantom.name, "seconds_per_view": case.seconds_per_view,
                       "realisation": case.realisation, "method": label,
                       "photopeak_counts": float(counts.peak.sum()), "run_time_s": provenance["run_time_s"]}
-            result.rows.append({**common, **evaluate(activity, truth, regions=regions)})
+            result.rows.append({**common, **evaluate(activity, truth, regions=regions), **_background_cov(activity, regions)})
             for iteration, iterate in iterates:
                 result.curves.append({**common, "iteration": iteration,
                                       **{f"mean_{name}": float(iterate[mask].mean()) for name, mask in regions.items()},

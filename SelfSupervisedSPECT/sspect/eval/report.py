@@ -10,6 +10,31 @@ import numpy as np
 from ..atomic import atomic_path, write_text_atomic
 
 NEMA_SPHERE = re.compile(r"rc_mean_sphere_(\d+)")
+COLD_REGIONS = ("lung_insert",)  # no activity in truth: a percent error there is meaningless
+
+
+def short_label(method: str) -> str:
+    """'bsrem beta=0.3 ... iterations=6 subsets=6' -> 'bsrem 6x6 beta=0.3' for tables and legends."""
+    name, *pairs = method.split()
+    params = dict(pair.split("=", 1) for pair in pairs)
+    label = name
+    if "iterations" in params:
+        label += f" {params['iterations']}x{params.get('subsets', '1')}"
+    if "beta" in params:
+        label += f" beta={params['beta']}"
+    if params.get("ct_weights") == "True":
+        label += " CT-weighted"
+    return label
+
+
+def final_background_cov(curves: list[dict]) -> dict:
+    """(phantom, seconds, realisation, method) -> background CoV of the last iteration's image."""
+    last = {}
+    for row in curves:
+        key = (row["phantom"], row["seconds_per_view"], row["realisation"], row["method"])
+        if "background_cov" in row and (key not in last or row["iteration"] > last[key]["iteration"]):
+            last[key] = row
+    return {key: row["background_cov"] for key, row in last.items()}
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -32,22 +57,25 @@ def _median(rows, key):
     return float(np.median(values)) if values else float("nan")
 
 
-def summary_table(rows: list[dict]) -> str:
+def summary_table(rows: list[dict], curves: list[dict] = ()) -> str:
     """Medians over realisations, one line per phantom, count level and method."""
+    covs = final_background_cov(curves)
+    rows = [{**row, "background_cov": covs.get((row["phantom"], row["seconds_per_view"], row["realisation"], row["method"]),
+                                                row.get("background_cov", float("nan")))} for row in rows]
     lines = []
     for phantom in dict.fromkeys(row["phantom"] for row in rows):
         subset = [row for row in rows if row["phantom"] == phantom]
         spheres = sorted({int(m.group(1)) for row in subset for key in row if (m := NEMA_SPHERE.fullmatch(key))})
         organs = [key[len("activity_error_pct_"):] for key in subset[0] if key.startswith("activity_error_pct_")
-                  and "sphere" not in key and key[len("activity_error_pct_"):] not in ("body", "background")]
-        cov_key = next((k for k in ("cov_background", "cov_liver") if k in subset[0]), None)
-        header = ["s/view", "method", "counts", "NRMSE", "total err %"] + ([f"CoV {cov_key[4:]}"] if cov_key else [])
+                  and "sphere" not in key and key[len("activity_error_pct_"):] not in ("body", "background", *COLD_REGIONS)]
+        cov_key = "background_cov"
+        header = ["s/view", "method", "counts", "NRMSE", "total err %", "background CoV"]
         header += [f"RC {d} mm" for d in spheres] + [f"{o} err %" for o in organs]
         lines += [f"### {phantom}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for (_, seconds, method), group in _groups(subset).items():
-            cells = [f"{seconds:g}", method, f"{_median(group, 'photopeak_counts'):.3g}",
-                     f"{_median(group, 'nrmse'):.3f}", f"{_median(group, 'total_activity_error_pct'):+.1f}"]
-            cells += [f"{_median(group, cov_key):.3f}"] if cov_key else []
+            cells = [f"{seconds:g}", short_label(method), f"{_median(group, 'photopeak_counts'):.3g}",
+                     f"{_median(group, 'nrmse'):.3f}", f"{_median(group, 'total_activity_error_pct'):+.1f}",
+                     f"{_median(group, cov_key):.3f}"]
             cells += [f"{_median(group, f'rc_mean_sphere_{d}'):.2f}" for d in spheres]
             cells += [f"{_median(group, f'activity_error_pct_{o}'):+.1f}" for o in organs]
             lines.append("| " + " | ".join(cells) + " |")
@@ -64,7 +92,7 @@ def bias_variance_table(rows: list[dict], regions=("liver", "kidney_left_cortex"
             values = np.array([row[key] for row in group if key in row])
             if len(values) < 2:
                 continue
-            lines.append(f"| {phantom} | {seconds:g} | {method} | {region} | {100 * (values.mean() - 1):+.1f} | "
+            lines.append(f"| {phantom} | {seconds:g} | {short_label(method)} | {region} | {100 * (values.mean() - 1):+.1f} | "
                          f"{100 * values.std(ddof=1):.1f} | {len(values)} |")
     return "\n".join(lines)
 
@@ -76,12 +104,12 @@ def plot_recovery_vs_size(rows: list[dict], path: Path) -> bool:
         return False
     plt = _pyplot()
     phantoms = list(dict.fromkeys(row["phantom"] for row in nema))
-    figure, axes = plt.subplots(1, len(phantoms), figsize=(5.5 * len(phantoms), 4.2), squeeze=False)
+    figure, axes = plt.subplots(1, len(phantoms), figsize=(5.5 * len(phantoms), 4.2), squeeze=False, layout="constrained")
     for axis, phantom in zip(axes[0], phantoms):
         for (_, seconds, method), group in _groups([r for r in nema if r["phantom"] == phantom]).items():
             sizes = sorted(int(m.group(1)) for k in group[0] if (m := NEMA_SPHERE.fullmatch(k)))
             axis.plot(sizes, [_median(group, f"rc_mean_sphere_{d}") for d in sizes], marker="o",
-                      label=f"{method}, {seconds:g} s/view")
+                      label=f"{short_label(method)}, {seconds:g} s/view")
         axis.axhline(1.0, color="grey", lw=0.8)
         axis.set(title=phantom, xlabel="sphere diameter (mm)", ylabel="recovery coefficient (mean)", ylim=(0, 1.3))
         axis.legend(fontsize=7)
@@ -94,15 +122,15 @@ def plot_bias_variance(curves: list[dict], truth_means: dict, path: Path, region
     if not curves or f"mean_{region}" not in curves[0]:
         return False
     plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(6, 4.5))
+    figure, axis = plt.subplots(figsize=(9, 5), layout="constrained")
     for (phantom, seconds, method), group in _groups(curves).items():
         iterations = sorted({row["iteration"] for row in group})
         recovery = [np.median([r[f"mean_{region}"] for r in group if r["iteration"] == n]) / truth_means[phantom][region]
                     for n in iterations]
         noise = [np.median([r["background_cov"] for r in group if r["iteration"] == n]) for n in iterations]
-        axis.plot(noise, recovery, marker=".", label=f"{phantom} {method} {seconds:g} s/view")
+        axis.plot(noise, recovery, marker=".", label=f"{phantom} {short_label(method)} {seconds:g} s/view")
     axis.set(xlabel="background CoV (noise)", ylabel=f"recovery of {region}", title="bias-variance over iterations")
-    axis.legend(fontsize=6)
+    axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     _save(figure, path)
     return True
 
@@ -113,31 +141,37 @@ def plot_panels(images: dict, truth, path: Path, title: str) -> None:
     z = int(np.argmax(truth.activity.sum(axis=(0, 1))))
     top = float(truth.activity.max()) * 1.1
     columns = [("truth", truth.activity)] + list(images.items())
-    figure, axes = plt.subplots(2, len(columns), figsize=(3.2 * len(columns), 6.4), squeeze=False, facecolor="black")
+    figure, axes = plt.subplots(2, len(columns), figsize=(3.4 * len(columns), 6.6), squeeze=False, facecolor="black",
+                                layout="constrained")
     for column, (name, image) in enumerate(columns):
         axes[0, column].imshow(truth.hu[:, :, z].T, cmap="gray", vmin=-400, vmax=600)
         axes[0, column].imshow(np.ma.masked_less(image[:, :, z].T, 0.05 * top), cmap="hot", vmin=0, vmax=top, alpha=0.75)
-        axes[0, column].set_title(name, color="white", fontsize=8)
+        axes[0, column].set_title(name if name == "truth" else short_label(name), color="white", fontsize=9)
         error = image[:, :, z] - truth.activity[:, :, z]
         shown = axes[1, column].imshow(error.T, cmap="coolwarm", vmin=-0.5 * top, vmax=0.5 * top)
         for axis in axes[:, column]:
             axis.axis("off")
-    figure.colorbar(shown, ax=axes[1, :], fraction=0.02, label="image - truth (MBq/mL)")
+    colorbar = figure.colorbar(shown, ax=axes[1, :], fraction=0.03, label="image - truth (MBq/mL)")
+    colorbar.ax.yaxis.label.set_color("white")
+    colorbar.ax.tick_params(colors="white")
     figure.suptitle(title, color="white")
     _save(figure, path)
 
 
-def write_markdown(path: Path, command: str, config: dict, rows, figures: list[str]) -> None:
+def write_markdown(path: Path, made_with: str, config: dict, rows, figures: list[str], curves=(), findings: str = "") -> None:
     text = [
         "# Validation harness report",
         "",
-        f"Made with `{command}`.",
+        made_with,
         "",
         "Settings: " + ", ".join(f"{k}={v}" for k, v in config.items()),
         "",
+        findings,
         "## Medians over noise realisations",
         "",
-        summary_table(rows),
+        "Background CoV: voxel SD / mean in the NEMA background or the torso liver, final iteration.",
+        "",
+        summary_table(rows, curves),
         "## Bias and ensemble spread across realisations (region means relative to truth)",
         "",
         bias_variance_table(rows),
@@ -159,7 +193,6 @@ def _pyplot():
 
 def _save(figure, path: Path) -> None:
     plt = _pyplot()
-    figure.tight_layout()
     with atomic_path(path) as partial:
         figure.savefig(partial, dpi=110, format="png", facecolor=figure.get_facecolor())
     plt.close(figure)

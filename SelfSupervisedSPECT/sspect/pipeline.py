@@ -112,7 +112,10 @@ def reconstruct_study(study: Study, settings: Settings, events: Events | None = 
 
     events = events or Events()
     method = get_method(settings.method)
-    params = method.validate(settings.params)
+    given = dict(settings.params)
+    if any(p.name == "seed" for p in method.params):
+        given.setdefault("seed", settings.seed)  # the job's seed reaches methods that draw random numbers
+    params = method.validate(given)
     torch.manual_seed(settings.seed)
     np.random.seed(settings.seed)
     started = time.perf_counter()

@@ -321,32 +321,21 @@ class SelfSupervisedSPECTWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         return windows
 
     def onLoadProjectionFiles(self):
-        import qt
-
-        files = qt.QFileDialog.getOpenFileNames(slicer.util.mainWindow(), "NM TOMO projection files (one per bed)",
-                                                "", "DICOM (*.dcm *.DCM *.ima *.IMA);;All files (*)")
-        if not files:
-            return
-        try:
-            node = self.logic.load_projection_series(list(files))
-        except DoorError as error:
-            self._showError(str(error))
-            return
-        except Exception as error:
-            logging.exception("Loading files failed")
-            self._showError(f"The files could not be loaded ({type(error).__name__}: {error}); see the Python console.")
-            return
-        self.ui.projectionSelector.setCurrentNode(node)
+        self._loadFiles("NM TOMO projection files (one per bed)", self.logic.load_projection_series, self.ui.projectionSelector)
 
     def onLoadCTFiles(self):
+        self._loadFiles("CT series files (select all slices)", self.logic.load_ct_series, self.ui.ctSelector)
+
+    def _loadFiles(self, title, load, selector):
+        """Pick files, load them with the logic and select the new node; errors as one sentence."""
         import qt
 
-        files = qt.QFileDialog.getOpenFileNames(slicer.util.mainWindow(), "CT series files (select all slices)",
-                                                "", "DICOM (*.dcm *.DCM *.ima *.IMA);;All files (*)")
+        files = qt.QFileDialog.getOpenFileNames(slicer.util.mainWindow(), title, "",
+                                                "DICOM (*.dcm *.DCM *.ima *.IMA);;All files (*)")
         if not files:
             return
         try:
-            node = self.logic.load_ct_series(list(files))
+            node = load(list(files))
         except DoorError as error:
             self._showError(str(error))
             return
@@ -354,7 +343,7 @@ class SelfSupervisedSPECTWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             logging.exception("Loading files failed")
             self._showError(f"The files could not be loaded ({type(error).__name__}: {error}); see the Python console.")
             return
-        self.ui.ctSelector.setCurrentNode(node)
+        selector.setCurrentNode(node)
 
     # ---- method and parameters (built from the engine's registry: no GUI code per method) ------
 

@@ -37,3 +37,31 @@ def small_study(tmp_path_factory):
     folder = tmp_path_factory.mktemp("small_study")
     with contextlib.redirect_stdout(io.StringIO()):
         return write_demo_study(folder, seed=1, n_views=24, shape=(32, 32, 32), voxel_mm=12.0)
+
+
+@pytest.fixture(scope="module")
+def study(small_study):
+    """The small study read through the engine's door, as the methods' tests start from it."""
+    import contextlib
+    import io
+
+    from sspect.pipeline import Settings, load_study
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return load_study(small_study["nm"], small_study["ct"], Settings(device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def problem(study):
+    """Its reconstruction problem (attenuation + PSF + TEW scatter) on the CPU."""
+    import contextlib
+    import io
+
+    from sspect.io.ct import attenuation_map
+    from sspect.physics.presets import LU177_PHOTOPEAK_KEV
+    from sspect.physics.system import build_problem
+
+    bed = study.beds[0]
+    with contextlib.redirect_stdout(io.StringIO()):
+        mu = attenuation_map(study.ct, bed, LU177_PHOTOPEAK_KEV)
+    return build_problem(bed, study.windows, mu, study.collimator, "cpu")

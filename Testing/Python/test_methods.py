@@ -16,11 +16,9 @@ import pytest
 from scipy.ndimage import binary_dilation, binary_erosion
 
 from sspect.errors import SSPECTError
-from sspect.io.ct import attenuation_map
 from sspect.methods import Cancelled, Events, all_methods, get_method
-from sspect.physics.presets import LU177_PHOTOPEAK_KEV
 from sspect.physics.system import build_problem
-from sspect.pipeline import Settings, load_study, reconstruct_study
+from sspect.pipeline import Settings, reconstruct_study
 
 PRIOR_PARAMS = {"beta", "gamma", "ct_weights", "ct_neighbours"}
 EXPECTED_PARAMS = {
@@ -31,20 +29,6 @@ EXPECTED_PARAMS = {
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def study(small_study):
-    with contextlib.redirect_stdout(io.StringIO()):
-        return load_study(small_study["nm"], small_study["ct"], Settings(device="cpu"))
-
-
-@pytest.fixture(scope="module")
-def problem(study):
-    bed = study.beds[0]
-    with contextlib.redirect_stdout(io.StringIO()):
-        mu = attenuation_map(study.ct, bed, LU177_PHOTOPEAK_KEV)
-    return build_problem(bed, study.windows, mu, study.collimator, "cpu")
 
 
 @pytest.fixture(scope="module")

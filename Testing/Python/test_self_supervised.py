@@ -16,13 +16,11 @@ import pytest
 import torch
 
 from sspect.eval.metrics import nrmse
-from sspect.io.ct import attenuation_map
 from sspect.methods import Cancelled, Events, all_methods, get_method
 from sspect.methods.projector import SPECTProjection, back_project, project
 from sspect.methods.self_supervised import poisson_nll, split_counts
-from sspect.physics.presets import LU177_PHOTOPEAK_KEV
 from sspect.physics.system import build_problem
-from sspect.pipeline import Settings, bq_per_ml_factor, load_study, reconstruct_study
+from sspect.pipeline import Settings, bq_per_ml_factor, reconstruct_study
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -51,20 +49,6 @@ def small_system():
     psf = get_psfmeta_from_scanner_params("GI-MEGP", energy_keV=208)
     system = SPECTSystemMatrix([SPECTAttenuationTransform(mu), SPECTPSFTransform(psf)], [], object_meta, proj_meta)
     return {"system": system, "object": (n, n, n), "projections": (views, n, n), "generator": generator}
-
-
-@pytest.fixture(scope="module")
-def study(small_study):
-    with contextlib.redirect_stdout(io.StringIO()):
-        return load_study(small_study["nm"], small_study["ct"], Settings(device="cpu"))
-
-
-@pytest.fixture(scope="module")
-def problem(study):
-    bed = study.beds[0]
-    with contextlib.redirect_stdout(io.StringIO()):
-        mu = attenuation_map(study.ct, bed, LU177_PHOTOPEAK_KEV)
-    return build_problem(bed, study.windows, mu, study.collimator, "cpu")
 
 
 @pytest.fixture(scope="module")

@@ -65,3 +65,20 @@ def problem(study):
     with contextlib.redirect_stdout(io.StringIO()):
         mu = attenuation_map(study.ct, bed, LU177_PHOTOPEAK_KEV)
     return build_problem(bed, study.windows, mu, study.collimator, "cpu")
+
+
+@pytest.fixture
+def stop_after():
+    """A factory of Events that ask a method to stop after n progress events (and the events seen)."""
+    from sspect.methods import Events
+
+    def make(n_progress: int):
+        seen = []
+
+        def on_event(event):
+            if event["event"] == "progress":
+                seen.append(event)
+
+        return Events(on_event, should_stop=lambda: len(seen) >= n_progress), seen
+
+    return make

@@ -226,27 +226,17 @@ def test_progress_reaches_one(problem, method):
     assert [(e["iteration"], e["subset"]) for e in progress] == [(i, s) for i in (1, 2) for s in (1, 2, 3)]
 
 
-def _stop_after(n_progress: int):
-    seen = []
-
-    def on_event(event):
-        if event["event"] == "progress":
-            seen.append(event)
-
-    return Events(on_event, should_stop=lambda: len(seen) >= n_progress), seen
-
-
 @pytest.mark.parametrize("method", ["osem", "bsrem"])
-def test_should_stop_cancels_the_method(problem, method):
-    events, seen = _stop_after(2)
+def test_should_stop_cancels_the_method(problem, method, stop_after):
+    events, seen = stop_after(2)
     with pytest.raises(Cancelled):
         get_method(method).reconstruct(problem, {"iterations": 3, "subsets": 4}, events)
     assert len(seen) == 2
 
 
-def test_should_stop_cancels_through_the_pipeline(study):
+def test_should_stop_cancels_through_the_pipeline(study, stop_after):
     """The caller's should_stop must reach the method when the pipeline wraps the events per bed."""
-    events, seen = _stop_after(2)
+    events, seen = stop_after(2)
     settings = Settings(method="osem", params={"iterations": 3, "subsets": 4}, device="cpu")
     with pytest.raises(Cancelled), contextlib.redirect_stdout(io.StringIO()):
         reconstruct_study(study, settings, events)

@@ -201,19 +201,9 @@ def test_dip_leaves_the_callers_random_state_alone(problem):
     assert torch.equal(torch.rand(3), expected)
 
 
-def _stop_after(n_progress: int):
-    seen = []
-
-    def on_event(event):
-        if event["event"] == "progress":
-            seen.append(event)
-
-    return Events(on_event, should_stop=lambda: len(seen) >= n_progress), seen
-
-
 @pytest.mark.parametrize("pretrain_steps,stage", [(10, "pretrain"), (0, "train")])
-def test_should_stop_cancels_dip(problem, pretrain_steps, stage):
-    events, seen = _stop_after(3)
+def test_should_stop_cancels_dip(problem, pretrain_steps, stage, stop_after):
+    events, seen = stop_after(3)
     with pytest.raises(Cancelled):
         get_method("dip").reconstruct(problem, {**TINY, "pretrain_steps": pretrain_steps, "iterations": 50}, events)
     assert len(seen) == 3 and seen[-1]["stage"] == stage

@@ -334,16 +334,21 @@ class SelfSupervisedSPECTWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                                                 "DICOM (*.dcm *.DCM *.ima *.IMA);;All files (*)")
         if not files:
             return
+        node = self._attempt(lambda: load(list(files)), "The files could not be loaded")
+        if node is not None:
+            selector.setCurrentNode(node)
+
+    def _attempt(self, action, failure):
+        """Run a user action; a DoorError (its own sentence) or an unexpected failure (``failure``
+        and the cause) is shown in the panel, and None is returned."""
         try:
-            node = load(list(files))
+            return action()
         except DoorError as error:
             self._showError(str(error))
-            return
         except Exception as error:
-            logging.exception("Loading files failed")
-            self._showError(f"The files could not be loaded ({type(error).__name__}: {error}); see the Python console.")
-            return
-        selector.setCurrentNode(node)
+            logging.exception(failure)
+            self._showError(f"{failure} ({type(error).__name__}: {error}); see the Python console.")
+        return None
 
     # ---- method and parameters (built from the engine's registry: no GUI code per method) ------
 
@@ -672,14 +677,8 @@ class SelfSupervisedSPECTWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if segmentation is None or not volumes:
             self._setStatus("Select a segmentation and an activity image first.", error=True)
             return
-        try:
-            table = self.logic.dosimetry_table(segmentation, volumes)
-        except DoorError as error:
-            self._showError(str(error))
-            return
-        except Exception as error:
-            logging.exception("The dosimetry table failed")
-            self._showError(f"The table could not be computed ({type(error).__name__}: {error}); see the Python console.")
+        table = self._attempt(lambda: self.logic.dosimetry_table(segmentation, volumes), "The table could not be computed")
+        if table is None:
             return
         self.ui.tableView.setMRMLTableNode(table)
         self._setStatus(f"Table {table.GetName()}: {table.GetNumberOfRows()} rows.")

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import __version__
 from .errors import SSPECTError
-from .io.ct import CTSeries, attenuation_map, check_ct_matches, read_ct_series, resample
+from .io.ct import CTSeries, check_ct_matches, mu_volume, read_ct_series, resample
 from .io.nm import ProjectionStudy, read_projections
 from .io.windows import NONE_WORDS, WindowChoice, choose_windows
 from .methods import Events, get_method
@@ -125,8 +125,9 @@ def reconstruct_study(study: Study, settings: Settings, events: Events | None = 
         voxel_ml = float(np.prod(first.object_spacing_mm)) / 1000.0
         scale, unit = bq_per_ml_factor(settings.calibration_cps_per_MBq, first.frame_duration_s, voxel_ml), "Bq/mL"
     images, infos = [], []
+    ct_mu = mu_volume(study.ct, LU177_PHOTOPEAK_KEV) if study.ct else None  # converted once, resampled per bed
     for number, bed in enumerate(study.beds):
-        mu = attenuation_map(study.ct, bed, LU177_PHOTOPEAK_KEV) if study.ct else None
+        mu = resample(ct_mu, bed.affine, bed.object_shape) if ct_mu is not None else None
         problem = build_problem(bed, study.windows, mu, study.collimator, settings.device)
         bed_events = Events(lambda event, n=number: events.emit(**_per_bed(event, n, len(study.beds))),
                             should_stop=events.should_stop,

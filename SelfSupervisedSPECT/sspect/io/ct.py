@@ -123,13 +123,17 @@ def check_ct_matches(ct: CTSeries, study: ProjectionStudy, peak_window: int) -> 
     return warnings
 
 
-def attenuation_map(ct: CTSeries, study: ProjectionStudy, photopeak_keV: float) -> np.ndarray:
-    """mu (1/cm) at the photopeak energy on the SPECT object grid [Lx, Ly, Lz]."""
+def mu_volume(ct: CTSeries, photopeak_keV: float) -> Volume:
+    """The CT converted to mu (1/cm) at the photopeak energy, on the CT's own grid."""
     from pytomography.io.SPECT.dicom import get_HU2mu_conversion
 
     # PyTomography prints which table entry it chose; keep it off the user's screen and stdout.
     with contextlib.redirect_stdout(io.StringIO()):
         hu_to_mu = get_HU2mu_conversion(ct.files, photopeak_keV)
-    mu = Volume(hu_to_mu(ct.volume.array).astype(np.float32), ct.volume.spacing,
-                ct.volume.origin, ct.volume.direction, unit="1/cm")
-    return resample(mu, study.affine, study.object_shape)
+    return Volume(hu_to_mu(ct.volume.array).astype(np.float32), ct.volume.spacing,
+                  ct.volume.origin, ct.volume.direction, unit="1/cm")
+
+
+def attenuation_map(ct: CTSeries, study: ProjectionStudy, photopeak_keV: float) -> np.ndarray:
+    """mu (1/cm) at the photopeak energy on the SPECT object grid [Lx, Ly, Lz]."""
+    return resample(mu_volume(ct, photopeak_keV), study.affine, study.object_shape)

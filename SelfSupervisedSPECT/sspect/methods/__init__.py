@@ -105,6 +105,7 @@ class Param:
 class Result:
     image: Any  # numpy [Lx, Ly, Lz], counts per voxel
     info: dict = field(default_factory=dict)
+    uncertainty: Any = None  # numpy [Lx, Ly, Lz]: voxel standard deviation (same unit), from a method's replicates
 
 
 @dataclass(frozen=True)

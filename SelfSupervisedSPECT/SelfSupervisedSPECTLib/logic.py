@@ -34,7 +34,8 @@ SOURCE_FILES = ATTRIBUTE + "SourceFiles"
 ROLE = ATTRIBUTE + "Role"
 PET_HEAT = "vtkMRMLPETProceduralColorNodePET-Heat"
 GREY = "vtkMRMLColorTableNodeGrey"
-JOB_OPTIONS = ("calibration_cps_per_MBq", "device", "windows", "output_dir", "collimator", "seed")
+UNCERTAINTY_REFERENCE = ATTRIBUTE + "Uncertainty"  # node reference from a result image to its voxel SD map
+JOB_OPTIONS = ("calibration_cps_per_MBq", "device", "windows", "output_dir", "collimator", "seed", "detector_binning")
 WINDOW_KEYS = ("peak", "lower", "upper")
 SHORT_PARAMS = {"iterations": "it", "subsets": "ss", "beta": "b"}
 UNITS = {  # unit the engine writes -> (UCUM code, meaning), quantity
@@ -177,7 +178,7 @@ class SelfSupervisedSPECTLogicBase:
 
     # -- the job -------------------------------------------------------------------------------
     def build_job(self, projection_node, ct_node, method="osem", params=None, calibration_cps_per_MBq=None,
-                  device="auto", windows=None, output_dir=None, collimator=None, seed=0):
+                  device="auto", windows=None, output_dir=None, collimator=None, seed=0, detector_binning=1):
         """Write a job file (sspect/jobs.py schema) into a new folder under ``work_root``.
 
         ``projection_node`` may be a list of nodes, one per bed. Returns (job dict, job path).
@@ -200,6 +201,8 @@ class SelfSupervisedSPECTLogicBase:
                 calibration_cps_per_MBq = -1.0
             if not calibration_cps_per_MBq > 0:
                 raise DoorError("The calibration factor must be a positive number of counts per second per MBq.")
+        if isinstance(detector_binning, bool) or detector_binning not in range(1, 9):
+            raise DoorError(f"The detector binning must be a whole number from 1 to 8, not {detector_binning!r}.")
         windows = dict(windows or {})
         unknown = sorted(set(windows) - set(WINDOW_KEYS))
         if unknown:
@@ -213,7 +216,8 @@ class SelfSupervisedSPECTLogicBase:
                "method": method, "params": params,
                "windows": {key: windows.get(key) for key in WINDOW_KEYS},
                "collimator": collimator, "calibration_cps_per_MBq": calibration_cps_per_MBq,
-               "device": device, "seed": int(seed), "formats": ["nrrd"], "name": None}
+               "device": device, "seed": int(seed), "detector_binning": int(detector_binning),
+               "formats": ["nrrd"], "name": None}
         job_path = folder / "job.json"
         partial = folder / "job.json.partial"
         partial.write_text(json.dumps(job, indent=2))
@@ -261,18 +265,38 @@ class SelfSupervisedSPECTLogicBase:
         nrrd = (result.get("files") or {}).get("nrrd")
         if not nrrd or not Path(nrrd).is_file():
             raise DoorError("The reconstruction wrote no NRRD image; run it again with the 'nrrd' output format.")
-        node = slicer.vtkMRMLScalarVolumeNode()
-        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-        storage.SetFileName(str(nrrd))
-        storage.SetSingleFile(True)
-        if not storage.ReadData(node) or node.GetImageData() is None:
-            raise DoorError(f"The result image {nrrd} could not be read; the file may be damaged, run the reconstruction again.")
+        node = self._read_volume_file(nrrd, "result image")
         provenance = result.get("provenance") or {}
         unit = str(result.get("unit") or provenance.get("unit") or "counts")
         method = str(provenance.get("method") or "result")
         params = provenance.get("params") or {}
         node.SetName(self._unique_name(name or result_node_name(method, params, unit)))
-        node.SetAttribute(ROLE, "result")
+        self._tag_result(node, "result", run, method, params, unit)
+        self._add_to_scene(node, self._display_up_to_percentile(node, 99.5), PET_HEAT, next_to=ct_node)
+        uncertainty = (result.get("files") or {}).get("uncertainty")
+        if uncertainty:  # the method's voxel SD: shown like any volume, referenced from the image
+            sd_node = self._read_volume_file(uncertainty, "uncertainty map")
+            sd_node.SetName(self._unique_name(f"{node.GetName()} SD"))
+            self._tag_result(sd_node, "uncertainty", run, method, params, unit)
+            self._add_to_scene(sd_node, self._display_up_to_percentile(sd_node, 99.5), GREY, next_to=ct_node)
+            node.SetNodeReferenceID(UNCERTAINTY_REFERENCE, sd_node.GetID())
+        self.show_fused(ct_node, node)
+        return node
+
+    @staticmethod
+    def _read_volume_file(path, what: str):
+        node = slicer.vtkMRMLScalarVolumeNode()
+        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+        storage.SetFileName(str(path))
+        storage.SetSingleFile(True)
+        if not Path(path).is_file() or not storage.ReadData(node) or node.GetImageData() is None:
+            raise DoorError(f"The {what} {path} could not be read; the file may be damaged, run the reconstruction again.")
+        return node
+
+    @staticmethod
+    def _tag_result(node, role: str, run, method: str, params: dict, unit: str) -> None:
+        result = run.result
+        node.SetAttribute(ROLE, role)
         node.SetAttribute(ATTRIBUTE + "Method", method)
         node.SetAttribute(ATTRIBUTE + "Params", json.dumps(params, sort_keys=True))
         node.SetAttribute(ATTRIBUTE + "Unit", unit)
@@ -280,16 +304,17 @@ class SelfSupervisedSPECTLogicBase:
         node.SetAttribute(ATTRIBUTE + "JobFile", str(getattr(run, "job_path", "")))
         set_voxel_units(node, unit)
 
+    @staticmethod
+    def _display_up_to_percentile(node, percentile: float):
+        """A display node windowed from 0 to the given percentile (a few hot voxels must not wash the image out)."""
         values = slicer.util.arrayFromVolume(node)
-        high = float(np.percentile(values, 99.5)) if values.size else 0.0
+        high = float(np.percentile(values, percentile)) if values.size else 0.0
         if not high > 0:
             high = float(values.max()) if values.size and values.max() > 0 else 1.0
         display = slicer.vtkMRMLScalarVolumeDisplayNode()
         display.SetAutoWindowLevel(False)
         display.SetWindowLevelMinMax(0.0, high)
-        self._add_to_scene(node, display, PET_HEAT, next_to=ct_node)
-        self.show_fused(ct_node, node)
-        return node
+        return display
 
     def show_fused(self, ct_node, activity_node, opacity=0.5):
         """Every slice view: CT behind, activity in front at ``opacity``, views linked."""

@@ -9,7 +9,8 @@ Job file (JSON)::
      "method": "osem", "params": {"iterations": 4, "subsets": 6},
      "windows": {"peak": null, "lower": null, "upper": null},   # index, "low-high" keV, "none"
      "collimator": null, "calibration_cps_per_MBq": null,
-     "device": "auto", "seed": 0, "formats": ["nrrd", "dicom"], "name": null}
+     "device": "auto", "seed": 0, "formats": ["nrrd", "dicom"], "name": null,
+     "detector_binning": 1}                  # optional: 2 sums 2x2 detector pixels (one bed)
 
 Events, one JSON object per line on stdout, nothing else on stdout::
 
@@ -35,7 +36,7 @@ from .pipeline import Settings, run
 
 JOB_VERSION = 1
 JOB_KEYS = {"version", "nm", "ct", "output_dir", "method", "params", "windows", "collimator",
-            "calibration_cps_per_MBq", "device", "seed", "formats", "name"}
+            "calibration_cps_per_MBq", "device", "seed", "formats", "name", "detector_binning"}
 WINDOW_KEYS = {"peak", "lower", "upper"}
 
 
@@ -85,7 +86,8 @@ def settings_from_job(job: dict) -> Settings:
         peak_window=windows.get("peak"), lower_window=windows.get("lower"), upper_window=windows.get("upper"),
         collimator=job.get("collimator"), calibration_cps_per_MBq=job.get("calibration_cps_per_MBq"),
         device=job.get("device", "auto"), seed=int(job.get("seed", 0)),
-        formats=tuple(job.get("formats") or Settings.formats), name=job.get("name"))
+        formats=tuple(job.get("formats") or Settings.formats), name=job.get("name"),
+        detector_binning=job.get("detector_binning", 1))
 
 
 def run_job(path, stream=None) -> int:

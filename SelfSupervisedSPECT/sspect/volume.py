@@ -18,6 +18,7 @@ class Volume:
     origin: tuple[float, float, float]
     direction: np.ndarray = field(default_factory=lambda: np.eye(3))
     unit: str = "counts"
+    uncertainty: np.ndarray | None = None  # voxel standard deviation, same grid and unit, when a method estimates it
 
     @property
     def affine(self) -> np.ndarray:

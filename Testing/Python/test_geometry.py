@@ -48,3 +48,44 @@ def test_point_source_is_found_at_its_patient_position(tmp_path, layout, rotatio
     centroid_index = (grid * weights[..., None]).sum(axis=(0, 1, 2)) / weights.sum()
     found = exported.index_to_lps(centroid_index)
     assert np.all(np.abs(found - POINT_LPS) < VOXEL_MM), f"{layout} {rotation}: found {found}, expected {POINT_LPS}"
+
+
+def test_detector_binning_keeps_the_counts_and_the_patient_position(tmp_path):
+    """2x2 detector binning: half the matrix, all the counts, and the point source still where it is."""
+    from sspect.errors import SSPECTError
+    from sspect.io.nm import bin_detector, read_projections
+
+    nm, ct_files = _write_point_study(tmp_path, "GE", "CC")
+    full = read_projections(str(nm))
+    binned = bin_detector(full, 2)
+    assert binned.projections.shape == (*full.projections.shape[:2], 16, 16)
+    assert binned.projections.sum() == full.projections.sum() and binned.object_spacing_mm == (16.0, 16.0, 16.0)
+    # the binned grid spans the same field of view: first and last voxel edges are unchanged
+    for axis in range(3):
+        assert full.affine[axis, 3] - full.pixel_mm[0 if axis < 2 else 1] / 2 == pytest.approx(
+            binned.affine[axis, 3] - binned.pixel_mm[0 if axis < 2 else 1] / 2)
+    with pytest.raises(SSPECTError, match="does not divide"):
+        bin_detector(full, 3)
+    settings = Settings(method="osem", params={"iterations": 3, "subsets": 4}, device="cpu", formats=("nrrd",),
+                        detector_binning=2)
+    with contextlib.redirect_stdout(io.StringIO()):
+        study = load_study(nm, ct_files, settings)
+        image, provenance = reconstruct_study(study, settings)
+    assert image.array.shape == (16, 16, 16) and provenance["detector_binning"] == 2
+    weights = image.array
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in weights.shape], indexing="ij"), -1)
+    hot = weights > 0.2 * weights.max()
+    centroid_index = (grid[hot] * weights[hot][:, None]).sum(axis=0) / weights[hot].sum()
+    found = image.index_to_lps(centroid_index)
+    assert np.all(np.abs(found - POINT_LPS) < VOXEL_MM), f"found {found}, expected {POINT_LPS}"
+
+
+def test_detector_binning_is_refused_for_several_beds_and_bad_factors(tmp_path):
+    from sspect.errors import SSPECTError
+    from sspect.pipeline import check_settings
+
+    for factor in (0, 9, 1.5, True):
+        with pytest.raises(SSPECTError, match="binning"):
+            check_settings(Settings(device="cpu", detector_binning=factor))
+    with pytest.raises(SSPECTError, match="one bed at a time"):
+        load_study([tmp_path / "a.dcm", tmp_path / "b.dcm"], None, Settings(detector_binning=2))

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import sys
 from pathlib import Path
 
+from ..atomic import write_json_atomic
 from ..errors import SSPECTError
-from .harness import CLINICAL_SECONDS_PER_VIEW, HarnessConfig, PhantomSpec, build_cases, config_dict, run_cases
+from .harness import (CLINICAL_SECONDS_PER_VIEW, HarnessConfig, PhantomSpec, build_cases, config_dict, config_from_dict,
+                      run_cases)
 
 def parse_phantoms(text: str) -> list[PhantomSpec]:
     """'nema8,nema4,torso0,torso1' -> phantom specs."""
@@ -66,6 +69,7 @@ def run_benchmark(phantoms: str, seconds: str, methods: str, realisations: int, 
     curves = [row for result in results for row in result.curves]
     report.write_csv(rows, out / "results.csv")
     report.write_csv(curves, out / "curves.csv")
+    write_json_atomic(out / "config.json", config_dict(config))  # so --from-csv redraws with the same grid
     for result in results:
         if result.images:
             report.plot_panels(result.images, simulate_truth(result.case.phantom, config),
@@ -82,6 +86,8 @@ def write_report(out: Path, rows: list[dict], curves: list[dict], config: Harnes
     figures = []
     if report.plot_recovery_vs_size(rows, out / "recovery_vs_sphere_size.png"):
         figures.append("recovery_vs_sphere_size.png")
+    if report.plot_ensemble_bias_variance(rows, out / "ensemble_bias_vs_sd.png"):
+        figures.append("ensemble_bias_vs_sd.png")
     specs = parse_phantoms(",".join(dict.fromkeys(row["phantom"] for row in rows)))
     truth_means = {spec.name: _region_means(simulate_truth(spec, config)) for spec in specs}
     for region in ("sphere_37", "sphere_17", "liver", "kidney_left_cortex"):
@@ -110,7 +116,8 @@ def rebuild_report(out, command: str) -> Path:
     previous = (out / "report.md").read_text() if (out / "report.md").exists() else ""
     made_with = re.search(r"Made with `([^`]+)`", previous)
     original = made_with.group(1) if made_with else "an earlier run"  # keep the command that computed the numbers
-    return write_report(out, read("results.csv"), read("curves.csv"), HarnessConfig(), original, rebuilt_with=command)
+    config = config_from_dict(json.loads((out / "config.json").read_text())) if (out / "config.json").exists() else HarnessConfig()
+    return write_report(out, read("results.csv"), read("curves.csv"), config, original, rebuilt_with=command)
 
 
 def _number(text: str):
@@ -165,8 +172,6 @@ def run_dataset(n: int, out, first_seed: int = 0, seconds_per_view: float = CLIN
                         "sha256": {k: _sha256(v) for k, v in files.items() if v.is_file()},
                         "metrics_osem": result.rows[0]})
     manifest = {"config": config_dict(config), "n": len(entries), "cases": entries}
-    from ..atomic import write_json_atomic
-
     write_json_atomic(out / "manifest.json", manifest)
     return out / "manifest.json"
 

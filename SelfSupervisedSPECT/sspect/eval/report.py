@@ -24,6 +24,10 @@ def short_label(method: str) -> str:
         label += f" beta={params['beta']}"
     if params.get("ct_weights") == "True":
         label += " CT-weighted"
+    if "domain" in params:
+        label += f" {params['domain']}"
+    if params.get("weights"):
+        label += " pretrained"
     return label
 
 
@@ -69,11 +73,12 @@ def summary_table(rows: list[dict], curves: list[dict] = ()) -> str:
         organs = [key[len("activity_error_pct_"):] for key in subset[0] if key.startswith("activity_error_pct_")
                   and "sphere" not in key and key[len("activity_error_pct_"):] not in ("body", "background", *COLD_REGIONS)]
         cov_key = "background_cov"
-        header = ["s/view", "method", "counts", "NRMSE", "total err %", "background CoV"]
+        header = ["s/view", "method", "counts", "time s", "NRMSE", "total err %", "background CoV"]
         header += [f"RC {d} mm" for d in spheres] + [f"{o} err %" for o in organs]
         lines += [f"### {phantom}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for (_, seconds, method), group in _groups(subset).items():
             cells = [f"{seconds:g}", short_label(method), f"{_median(group, 'photopeak_counts'):.3g}",
+                     f"{_median(group, 'run_time_s'):.3g}",
                      f"{_median(group, 'nrmse'):.3f}", f"{_median(group, 'total_activity_error_pct'):+.1f}",
                      f"{_median(group, cov_key):.3f}"]
             cells += [f"{_median(group, f'rc_mean_sphere_{d}'):.2f}" for d in spheres]
@@ -118,19 +123,65 @@ def plot_recovery_vs_size(rows: list[dict], path: Path) -> bool:
 
 
 def plot_bias_variance(curves: list[dict], truth_means: dict, path: Path, region: str) -> bool:
-    """Noise (background CoV) against recovery of ``region`` over iterations: medians over realisations."""
+    """Noise (background CoV) against recovery of ``region`` over iterations (or a network's training
+    steps): medians over realisations, one panel per count level."""
     if not curves or f"mean_{region}" not in curves[0]:
         return False
     plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(9, 5), layout="constrained")
-    for (phantom, seconds, method), group in _groups(curves).items():
-        iterations = sorted({row["iteration"] for row in group})
-        recovery = [np.median([r[f"mean_{region}"] for r in group if r["iteration"] == n]) / truth_means[phantom][region]
-                    for n in iterations]
-        noise = [np.median([r["background_cov"] for r in group if r["iteration"] == n]) for n in iterations]
-        axis.plot(noise, recovery, marker=".", label=f"{phantom} {short_label(method)} {seconds:g} s/view")
-    axis.set(xlabel="background CoV (noise)", ylabel=f"recovery of {region}", title="bias-variance over iterations")
-    axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    levels = sorted({row["seconds_per_view"] for row in curves})
+    figure, axes = plt.subplots(1, len(levels), figsize=(4.6 * len(levels) + 2.5, 4.6), squeeze=False,
+                                layout="constrained", sharey=True)
+    for axis, seconds in zip(axes[0], levels):
+        for (phantom, _, method), group in _groups([r for r in curves if r["seconds_per_view"] == seconds]).items():
+            iterations = sorted({row["iteration"] for row in group})
+            recovery = [np.median([r[f"mean_{region}"] for r in group if r["iteration"] == n]) / truth_means[phantom][region]
+                        for n in iterations]
+            noise = [np.median([r["background_cov"] for r in group if r["iteration"] == n]) for n in iterations]
+            axis.plot(noise, recovery, marker=".", label=f"{phantom} {short_label(method)}")
+        axis.axhline(1.0, color="grey", lw=0.8)
+        axis.set(xlabel="background CoV (noise)", ylabel=f"recovery of {region}", title=f"{seconds:g} s/view")
+    axes[0, -1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    figure.suptitle(f"{region}: recovery against noise over iterations / training steps")
+    _save(figure, path)
+    return True
+
+
+def plot_ensemble_bias_variance(rows: list[dict], path: Path,
+                                regions=("sphere_37", "sphere_17", "sphere_10", "liver", "kidney_left_cortex", "lesion_1")) -> bool:
+    """Each method's final image: bias of a region's mean against its SD across noise realisations.
+
+    One row of panels per phantom (its first three of ``regions``), one point per method and count
+    level; the closer to (0, 0) the better.
+    """
+    phantoms = {}
+    for phantom in dict.fromkeys(row["phantom"] for row in rows):
+        found = [r for r in regions if any(f"rc_mean_{r}" in row for row in rows if row["phantom"] == phantom)][:3]
+        if found:
+            phantoms[phantom] = found
+    if not phantoms:
+        return False
+    plt = _pyplot()
+    figure, axes = plt.subplots(len(phantoms), 3, figsize=(15, 3.8 * len(phantoms)), squeeze=False, layout="constrained")
+    methods = list(dict.fromkeys(short_label(row["method"]) for row in rows))
+    colours = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    levels = sorted({row["seconds_per_view"] for row in rows})
+    markers = dict(zip(levels, "os^Dv<>"))
+    for axes_row, (phantom, found) in zip(axes, phantoms.items()):
+        for axis in axes_row[len(found):]:
+            axis.axis("off")
+        for axis, region in zip(axes_row, found):
+            key = f"rc_mean_{region}"
+            for (_, seconds, method), group in _groups([r for r in rows if r["phantom"] == phantom and key in r]).items():
+                values = np.array([row[key] for row in group])
+                if len(values) >= 2:
+                    axis.scatter(100 * values.std(ddof=1), 100 * (values.mean() - 1), color=colours[short_label(method)],
+                                 marker=markers[seconds], s=36)
+            axis.axhline(0.0, color="grey", lw=0.8)
+            axis.set(xlabel="ensemble SD of the mean (%)", ylabel="bias of the mean (%)", title=f"{phantom}: {region}")
+    handles = [plt.Line2D([], [], color=colours[m], marker="o", ls="", label=m) for m in methods]
+    handles += [plt.Line2D([], [], color="black", marker=markers[s], ls="", label=f"{s:g} s/view") for s in levels]
+    figure.legend(handles=handles, fontsize=8, loc="outside right center")
+    figure.suptitle("bias against ensemble SD across noise realisations (final images)")
     _save(figure, path)
     return True
 

@@ -8,7 +8,7 @@ Manufacturer, planar or CT files, unknown rotation directions.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -170,6 +170,26 @@ def _object_affine(ds: pydicom.Dataset) -> np.ndarray:
         sy = -(rows - 1) / 2 * dx
     sz -= (rows - 1) * dz
     return np.array([[dx, 0, 0, sx], [0, dx, 0, sy], [0, 0, dz, sz], [0, 0, 0, 1]], dtype=float)
+
+
+def bin_detector(study: ProjectionStudy, factor: int) -> ProjectionStudy:
+    """The same bed with ``factor`` x ``factor`` detector pixels summed: counts kept, the object grid ``factor`` times coarser.
+
+    Networks trained through the projector cost about ``factor^3`` times less per step on the coarser
+    grid, which makes them usable on a CPU (a 128^3 bed becomes 64^3). Voxel centres move to the
+    centre of each block of fine voxels, so the field of view and the patient position are unchanged.
+    """
+    if factor == 1:
+        return study
+    n_windows, n_views, n_r, n_z = study.projections.shape
+    if factor < 1 or n_r % factor or n_z % factor:
+        raise SSPECTError(f"Detector binning {factor} does not divide the {n_r} x {n_z} projection matrix; choose 1, 2 or another divisor of both.")
+    binned = study.projections.reshape(n_windows, n_views, n_r // factor, factor, n_z // factor, factor).sum(axis=(3, 5))
+    affine = study.affine.copy()
+    affine[:3, 3] += (factor - 1) / 2 * np.diag(study.affine)[:3]
+    affine[:3, :3] *= factor
+    return replace(study, projections=binned, pixel_mm=(study.pixel_mm[0] * factor, study.pixel_mm[1] * factor),
+                   affine=affine)
 
 
 def read_projections(path: str) -> ProjectionStudy:

@@ -40,6 +40,7 @@ PROTECTED_DISTRIBUTIONS = ("numpy", "SimpleITK", "requests", "torch")
 
 # Device combo box entries, in the .ui's order, as the job file names them.
 DEVICES = ("auto", "cpu", "cuda")
+BINNING_CHOICES = (1, 2, 4)  # binningComboBox items, in order
 
 POLL_INTERVAL_MS = 150
 
@@ -503,7 +504,8 @@ class SelfSupervisedSPECTWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                                      else "Reconstruct in a background process; Slicer stays responsive.")
         for widget in (self.ui.projectionSelector, self.ui.ctSelector, self.ui.loadProjectionFilesButton,
                        self.ui.loadCTFilesButton, self.ui.automaticWindowsCheckBox, self.ui.methodComboBox,
-                       self.ui.parametersWidget, self.ui.calibrationSpinBox, self.ui.deviceComboBox):
+                       self.ui.parametersWidget, self.ui.calibrationSpinBox, self.ui.deviceComboBox,
+                       self.ui.binningComboBox):
             widget.enabled = not busy
         self.onAutomaticWindowsToggled(self.ui.automaticWindowsCheckBox.checked)
         bar = self.ui.progressBar
@@ -556,7 +558,8 @@ class SelfSupervisedSPECTWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         method = self._currentMethod()
         calibration = float(self.ui.calibrationSpinBox.value)
         options = {"calibration_cps_per_MBq": calibration if calibration > 0 else None,
-                   "device": self._device(), "windows": self._windows()}
+                   "device": self._device(), "windows": self._windows(),
+                   "detector_binning": BINNING_CHOICES[self.ui.binningComboBox.currentIndex]}
         self.ui.logTextEdit.clear()
         self._lastProgressMessage = None
         try:

@@ -122,6 +122,16 @@ def test_device_combo_matches_the_module_devices():
     assert len(combo.findall("item")) == len(devices)
 
 
+def test_binning_combo_matches_the_module_choices_and_the_engine_limits():
+    combo = next(w for w in _ui_tree().iter("widget") if w.get("name") == "binningComboBox")
+    tree = ast.parse(MODULE_FILE.read_text())
+    choices = next(ast.literal_eval(node.value) for node in tree.body
+                   if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "BINNING_CHOICES" for t in node.targets))
+    texts = [item.findtext("property/string") for item in combo.findall("item")]
+    assert choices[0] == 1 and len(texts) == len(choices)
+    assert all(f"{b}x{b}" in text for b, text in zip(choices[1:], texts[1:])) and all(1 <= b <= 8 for b in choices)
+
+
 def test_method_parameters_have_a_form_container():
     """Parameters are built from the registry into a QFormLayout (no GUI code per method)."""
     container = next(w for w in _ui_tree().iter("widget") if w.get("name") == "parametersWidget")

@@ -140,6 +140,11 @@ def command_benchmark(args) -> int:
     from .eval.benchmark import run_benchmark
 
     command = "sspect " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["benchmark"] else "sspect benchmark"
+    if args.merge:
+        from .eval.benchmark import merge_reports
+
+        print(f"Reports merged: read {merge_reports(args.merge.split(','), args.out, command)}")
+        return 0
     if args.from_csv:
         from .eval.benchmark import rebuild_report
 
@@ -219,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="standard: the real study's 4.4 mm voxels, 60 views; coarse: 8.8 mm, 30 views (networks ~16x faster)")
     bench.add_argument("--out", default="benchmark-output")
     bench.add_argument("--from-csv", action="store_true", help="only rebuild report.md and plots from the CSVs in --out")
+    bench.add_argument("--merge", metavar="DIR,DIR", help="one report in --out from benchmark folders run on the same grid")
     _add_distribution_options(bench)
     bench.set_defaults(func=command_benchmark)
 

@@ -123,3 +123,37 @@ def test_report_is_rebuilt_from_the_csv_files(tmp_path):
     table = lambda text: text[text.index("## Medians"):text.index("## Figures")]
     assert table(rebuilt) == table(first)
     assert "report rebuilt with `sspect benchmark --from-csv`" in rebuilt
+    # the grid is read back from config.json: a report of a non-default grid is redrawn on that grid
+    import json
+    assert json.loads((tmp_path / "config.json").read_text())["voxel_mm"] == SMALL.voxel_mm
+
+
+def test_runs_of_two_method_groups_merge_into_one_report_on_identical_draws(tmp_path):
+    import csv
+
+    from sspect.errors import SSPECTError
+    from sspect.eval.benchmark import merge_reports
+
+    run_benchmark("nema4", "20", "osem:iterations=2:subsets=4", realisations=2, out=tmp_path / "a", workers=0, config=SMALL)
+    run_benchmark("nema4", "20", "bsrem:iterations=2:subsets=4:beta=0.3", realisations=2, out=tmp_path / "b", workers=0,
+                  config=SMALL)
+    text = merge_reports([tmp_path / "a", tmp_path / "b"], tmp_path / "merged", "sspect benchmark --merge a,b").read_text()
+    assert "osem 2x4" in text and "bsrem 2x4 beta=0.3" in text and "a: Made with" in text and "b: Made with" in text
+    rows = list(csv.DictReader(open(tmp_path / "merged" / "results.csv")))
+    assert len(rows) == 4
+    counts = {(r["method"].split()[0], r["realisation"]): r["photopeak_counts"] for r in rows}
+    assert counts["osem", "0"] == counts["bsrem", "0"] and counts["osem", "1"] == counts["bsrem", "1"]  # same Poisson draws
+    assert (tmp_path / "merged" / "panels_nema4to1_a.png").exists() and (tmp_path / "merged" / "panels_nema4to1_b.png").exists()
+    run_benchmark("nema4", "20", "osem:iterations=2:subsets=4", realisations=1, out=tmp_path / "c", workers=0,
+                  config=HarnessConfig(voxel_mm=SMALL.voxel_mm, n_views=12, nema_shape=SMALL.nema_shape))
+    with pytest.raises(SSPECTError, match="different grids"):
+        merge_reports([tmp_path / "a", tmp_path / "c"], tmp_path / "bad", "sspect benchmark --merge a,c")
+
+
+def test_short_labels_name_what_differs_between_methods():
+    from sspect.eval.report import short_label
+
+    assert short_label("bsrem beta=0.3 iterations=6 subsets=6") == "bsrem 6x6 beta=0.3"
+    assert short_label("dip features=16 iterations=300 seed=0") == "dip"
+    assert short_label("n2n domain=projection seed=0") == "n2n projection"
+    assert short_label("dl-bpf weights=/w.safetensors") == "dl-bpf pretrained"

@@ -75,11 +75,10 @@ def run_benchmark(phantoms: str, seconds: str, methods: str, realisations: int, 
             report.plot_panels(result.images, simulate_truth(result.case.phantom, config),
                                out / f"panels_{result.case.phantom.name}.png",
                                f"{result.case.phantom.name}, {result.case.seconds_per_view:g} s/view, realisation 0")
-    return write_report(out, rows, curves, config, command)
+    return write_report(out, rows, curves, config, f"Made with `{command}`.")
 
 
-def write_report(out: Path, rows: list[dict], curves: list[dict], config: HarnessConfig, command: str,
-                 rebuilt_with: str | None = None) -> Path:
+def write_report(out: Path, rows: list[dict], curves: list[dict], config: HarnessConfig, made_with: str) -> Path:
     """Figures and report.md from metric rows (also from the CSVs of an earlier run)."""
     from . import report
 
@@ -97,27 +96,67 @@ def write_report(out: Path, rows: list[dict], curves: list[dict], config: Harnes
             figures.append(name)
     figures += sorted(p.name for p in out.glob("panels_*.png"))
     findings = (out / "findings.md").read_text() + "\n" if (out / "findings.md").exists() else ""
-    made_with = f"Made with `{command}`" + (f" (report rebuilt with `{rebuilt_with}`)." if rebuilt_with else ".")
     report.write_markdown(out / "report.md", made_with, config_dict(config), rows, figures, curves, findings)
     return out / "report.md"
 
 
-def rebuild_report(out, command: str) -> Path:
-    """Rewrite report.md and the plots from results.csv and curves.csv, without recomputing."""
+def _read_csv(path: Path) -> list[dict]:
     import csv
 
+    if not path.exists():
+        raise SSPECTError(f"{path} does not exist; run the benchmark first.")
+    with open(path, newline="") as handle:
+        return [{k: _number(v) for k, v in row.items() if v != ""} for row in csv.DictReader(handle)]
+
+
+def _read_config(folder: Path) -> HarnessConfig:
+    path = folder / "config.json"
+    return config_from_dict(json.loads(path.read_text())) if path.exists() else HarnessConfig()
+
+
+def _made_with(folder: Path) -> str:
+    """The sentence of a folder's report.md that names the command which computed its numbers."""
+    previous = (folder / "report.md").read_text() if (folder / "report.md").exists() else ""
+    found = re.search(r"^Made with .*$", previous, re.MULTILINE)
+    return found.group(0) if found else "Made with an earlier run."
+
+
+def rebuild_report(out, command: str) -> Path:
+    """Rewrite report.md and the plots from results.csv and curves.csv, without recomputing."""
     out = Path(out)
+    rows, curves = _read_csv(out / "results.csv"), _read_csv(out / "curves.csv")
+    made_with = _made_with(out).split(" (report rebuilt with")[0].rstrip(".")
+    return write_report(out, rows, curves, _read_config(out), f"{made_with} (report rebuilt with `{command}`).")
 
-    def read(name):
-        if not (out / name).exists():
-            raise SSPECTError(f"{out / name} does not exist; run the benchmark first.")
-        return [{k: _number(v) for k, v in row.items() if v != ""} for row in csv.DictReader(open(out / name))]
 
-    previous = (out / "report.md").read_text() if (out / "report.md").exists() else ""
-    made_with = re.search(r"Made with `([^`]+)`", previous)
-    original = made_with.group(1) if made_with else "an earlier run"  # keep the command that computed the numbers
-    config = config_from_dict(json.loads((out / "config.json").read_text())) if (out / "config.json").exists() else HarnessConfig()
-    return write_report(out, read("results.csv"), read("curves.csv"), config, original, rebuilt_with=command)
+def merge_reports(sources, out, command: str) -> Path:
+    """One report from several benchmark folders run on the same grid (e.g. one per group of methods).
+
+    Noise realisations are seeded by their number, so the same phantom, count level and
+    realisation is the same Poisson draw in every folder, and the methods are compared on
+    identical data. Image panels are copied with the folder's name appended.
+    """
+    import shutil
+
+    sources = [Path(s) for s in sources]
+    configs = {json.dumps(config_dict(_read_config(s)), sort_keys=True) for s in sources}
+    if len(configs) > 1:
+        raise SSPECTError("The benchmark folders were run on different grids or acquisitions; merge only runs with the same settings.")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [row for s in sources for row in _read_csv(s / "results.csv")]
+    curves = [row for s in sources for row in _read_csv(s / "curves.csv")]
+    for source in sources:
+        for panel in source.glob("panels_*.png"):
+            shutil.copyfile(panel, out / f"{panel.stem}_{source.name}.png")
+    from . import report
+
+    report.write_csv(rows, out / "results.csv")
+    report.write_csv(curves, out / "curves.csv")
+    config = _read_config(sources[0])
+    write_json_atomic(out / "config.json", config_dict(config))
+    parts = "; ".join(f"{s.name}: {_made_with(s).split(' (report rebuilt with')[0].rstrip('.')}" for s in sources)
+    return write_report(out, rows, curves, config, f"Merged with `{command}` from {parts}.")
 
 
 def _number(text: str):

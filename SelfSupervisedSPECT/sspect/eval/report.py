@@ -18,8 +18,8 @@ def short_label(method: str) -> str:
     name, *pairs = method.split()
     params = dict(pair.split("=", 1) for pair in pairs)
     label = name
-    if "iterations" in params:
-        label += f" {params['iterations']}x{params.get('subsets', '1')}"
+    if "subsets" in params:  # classical methods; for networks "iterations" is only a cap on training steps
+        label += f" {params.get('iterations', '?')}x{params['subsets']}"
     if "beta" in params:
         label += f" beta={params['beta']}"
     if params.get("ct_weights") == "True":

@@ -82,3 +82,35 @@ def stop_after():
         return Events(on_event, should_stop=lambda: len(seen) >= n_progress), seen
 
     return make
+
+
+@pytest.fixture(scope="module")
+def to_mbq_per_ml(small_study, study):
+    """Counts per voxel of the small study -> MBq/mL, the truth's unit (the engine's calibration)."""
+    import numpy as np
+
+    from sspect.pipeline import bq_per_ml_factor
+
+    bed = study.beds[0]
+    voxel_ml = float(np.prod(bed.object_spacing_mm)) / 1000.0
+    return bq_per_ml_factor(small_study["sensitivity_cps_per_mbq"], bed.frame_duration_s, voxel_ml) / 1e6
+
+
+NOISY_SHARE = 0.1
+
+
+@pytest.fixture(scope="module")
+def noisy_problem(problem):
+    """The small study with a tenth of its counts, binomially thinned (still Poisson), where noise
+    dominates; images of it are on a scale 1/NOISY_SHARE smaller (``noisy_to_mbq_per_ml``)."""
+    import dataclasses
+
+    from sspect.methods.self_supervised import split_counts
+
+    kept, _ = split_counts(problem.projections, 1 - NOISY_SHARE, seed=7)
+    return dataclasses.replace(problem, projections=kept, scatter=problem.scatter * NOISY_SHARE)
+
+
+@pytest.fixture(scope="module")
+def noisy_to_mbq_per_ml(to_mbq_per_ml):
+    return to_mbq_per_ml / NOISY_SHARE

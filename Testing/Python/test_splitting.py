@@ -16,20 +16,12 @@ from sspect.errors import SSPECTError
 from sspect.eval.metrics import nrmse
 from sspect.methods import Cancelled, Events, all_methods, get_method
 from sspect.methods.splitting import _view_system
-from sspect.pipeline import bq_per_ml_factor
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TINY = {"features": 4, "iterations": 2, "subsets": 4, "steps": 6, "validation_interval": 3}
 METHODS = [("n2n", {"domain": "image"}), ("n2n", {"domain": "projection"}), ("noise2inverse", {})]
 IDS = ["n2n-image", "n2n-projection", "noise2inverse"]
-
-
-@pytest.fixture(scope="module")
-def to_mbq_per_ml(small_study, study):
-    bed = study.beds[0]
-    voxel_ml = float(np.prod(bed.object_spacing_mm)) / 1000.0
-    return bq_per_ml_factor(small_study["sensitivity_cps_per_mbq"], bed.frame_duration_s, voxel_ml) / 1e6
 
 
 @pytest.fixture(scope="module")
@@ -125,16 +117,22 @@ def test_bad_parameters_are_refused_with_one_sentence(problem):
         get_method("noise2inverse").reconstruct(problem, {"splits": 13})
 
 
-def test_n2n_defaults_against_the_truth_and_osem(problem, osem, small_study, to_mbq_per_ml):
-    """The truth is used only to score. Measured: n2n defaults 0.32-0.33 against 0.325 for OSEM 10x4
-    (the module docstring says why per-scan denoising does not win here); this guards against a
-    regression, not a claim of superiority: within 5 % of OSEM's NRMSE, total within 5 %."""
+@pytest.mark.parametrize("name", ["n2n", "noise2inverse"])
+def test_defaults_beat_the_noisy_osem_image_they_start_from(noisy_problem, noisy_to_mbq_per_ml, small_study, name):
+    """On the small study with a tenth of its counts, each method's image is closer to the truth
+    (used only to score) than OSEM of all counts with the iterations the method reconstructs with
+    (its noisy input). Measured: OSEM 20x4 0.772, n2n 0.721, noise2inverse 0.684 (OSEM 5x4, early
+    stopped, 0.528: see the module docstring and the harness report for where these methods lose)."""
     truth = small_study["phantom"].activity
+    method = get_method(name)
+    defaults = method.validate({})
+    osem = get_method("osem").reconstruct(noisy_problem, {"iterations": defaults["iterations"],
+                                                          "subsets": defaults["subsets"]}).image
     started = time.perf_counter()
-    result = get_method("n2n").reconstruct(problem, {})
+    result = method.reconstruct(noisy_problem, {})
     seconds = time.perf_counter() - started
-    score, reference = nrmse(result.image * to_mbq_per_ml, truth), nrmse(osem * to_mbq_per_ml, truth)
-    print(f"NRMSE n2n {score:.3f} (best step {result.info['best_step']}, stopped at {result.info['stopped_at']}, "
-          f"{seconds:.1f} s), OSEM 10x4 {reference:.3f}")
-    assert score < 1.05 * reference
+    score, reference = nrmse(result.image * noisy_to_mbq_per_ml, truth), nrmse(osem * noisy_to_mbq_per_ml, truth)
+    print(f"NRMSE {name} {score:.3f} (best step {result.info['best_step']}, {seconds:.1f} s), "
+          f"OSEM {defaults['iterations']}x{defaults['subsets']} {reference:.3f}")
+    assert score < 0.97 * reference
     assert abs(result.image.sum() / osem.sum() - 1) < 0.05

@@ -60,16 +60,25 @@ def run_benchmark(phantoms: str, seconds: str, methods: str, realisations: int, 
     levels = [float(s) for s in seconds.split(",")]
     keep = CLINICAL_SECONDS_PER_VIEW if CLINICAL_SECONDS_PER_VIEW in levels else levels[len(levels) // 2]
     cases = build_cases(parse_phantoms(phantoms), levels, parse_methods(methods), realisations, keep_images_at=keep)
-    bar, on_done = _progress(len(cases))
+    write_json_atomic(out / "config.json", config_dict(config))  # so --from-csv redraws with the same grid
+    bar, show_progress = _progress(len(cases))
+    done = []
+
+    def on_done(result):
+        """Keep the CSVs current: a run stopped halfway still leaves every finished case (--from-csv)."""
+        show_progress(result)
+        done.append(result)
+        report.write_csv([row for r in done for row in r.rows], out / "results.csv")
+        report.write_csv([row for r in done for row in r.curves], out / "curves.csv")
+
     try:
         results = run_cases(cases, config, out / "studies", workers, scheduler, on_done)
     finally:
         bar.close()
     rows = [row for result in results for row in result.rows]
     curves = [row for result in results for row in result.curves]
-    report.write_csv(rows, out / "results.csv")
+    report.write_csv(rows, out / "results.csv")  # in case order, whatever order they finished in
     report.write_csv(curves, out / "curves.csv")
-    write_json_atomic(out / "config.json", config_dict(config))  # so --from-csv redraws with the same grid
     for result in results:
         if result.images:
             report.plot_panels(result.images, simulate_truth(result.case.phantom, config),

@@ -105,23 +105,13 @@ def run_case(simulated: dict, case: Case, config: HarnessConfig, work_dir) -> Ca
 
     from ..methods import Events
     from ..pipeline import Settings, load_study, reconstruct_study
-    from ..sim.acquisition import draw_counts
-    from ..sim.dicom_writer import write_ct_series, write_nm_tomo
     from .metrics import evaluate, region_masks
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # cases run side by side; one thread each is fastest and reproducible
     try:
         truth = simulated["truth"]
-        counts = draw_counts(simulated["expected"], counts_scale(config, case.seconds_per_view),
-                             seed=10_000 * case.realisation + 17)
-        folder = Path(work_dir) / case.name
-        with contextlib.redirect_stdout(io.StringIO()):
-            ct_files = write_ct_series(folder / "CT", truth.hu_volume, *_uids(case))
-            nm = write_nm_tomo(folder / "NM" / "projections.dcm", [counts.peak, counts.upper, counts.lower],
-                               list(_windows_ge_order(counts)), counts.angles_deg, counts.radii_cm, config.voxel_mm,
-                               truth.origin, layout=config.layout, frame_duration_s=case.seconds_per_view,
-                               study_uid=_uids(case)[0], frame_of_reference_uid=_uids(case)[1])
+        nm, ct_files, counts = write_case_study(simulated, case, config, Path(work_dir) / case.name)
         regions = region_masks(truth)
         result = CaseResult(case)
         for method, params in case.methods:
@@ -148,6 +138,46 @@ def run_case(simulated: dict, case: Case, config: HarnessConfig, work_dir) -> Ca
         return result
     finally:
         torch.set_num_threads(threads)
+
+
+def write_case_study(simulated: dict, case: Case, config: HarnessConfig, folder: Path):
+    """Draw the case's counts and write them as NM DICOM with the phantom's CT; returns (nm, ct_files, counts).
+
+    The draw is seeded by the realisation number only, so every method and every run sees the
+    same counts for the same phantom, count level and realisation.
+    """
+    from ..sim.acquisition import draw_counts
+    from ..sim.dicom_writer import write_ct_series, write_nm_tomo
+
+    truth = simulated["truth"]
+    counts = draw_counts(simulated["expected"], counts_scale(config, case.seconds_per_view),
+                         seed=10_000 * case.realisation + 17)
+    with contextlib.redirect_stdout(io.StringIO()):
+        ct_files = write_ct_series(folder / "CT", truth.hu_volume, *_uids(case))
+        nm = write_nm_tomo(folder / "NM" / "projections.dcm", [counts.peak, counts.upper, counts.lower],
+                           list(_windows_ge_order(counts)), counts.angles_deg, counts.radii_cm, config.voxel_mm,
+                           truth.origin, layout=config.layout, frame_duration_s=case.seconds_per_view,
+                           study_uid=_uids(case)[0], frame_of_reference_uid=_uids(case)[1])
+    return nm, ct_files, counts
+
+
+def training_problems(specs, config: HarnessConfig, seconds_per_view: float, work_dir, realisation: int = 0) -> list:
+    """Reconstruction problems of simulated scans (for pretraining networks; no truth is returned)."""
+    from ..io.ct import attenuation_map
+    from ..physics.presets import LU177_PHOTOPEAK_KEV
+    from ..physics.system import build_problem
+    from ..pipeline import Settings, load_study
+
+    problems = []
+    for spec in specs:
+        case = Case(spec, seconds_per_view, realisation, ())
+        nm, ct_files, _ = write_case_study(simulate_expected(spec, config), case, config, Path(work_dir) / case.name)
+        with contextlib.redirect_stdout(io.StringIO()):
+            study = load_study(nm, ct_files, Settings(device="cpu"))
+            bed = study.beds[0]
+            mu = attenuation_map(study.ct, bed, LU177_PHOTOPEAK_KEV)
+        problems.append(build_problem(bed, study.windows, mu, study.collimator, "cpu"))
+    return problems
 
 
 def _background_cov(image, regions) -> dict:

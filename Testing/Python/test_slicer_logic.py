@@ -244,6 +244,27 @@ def test_result_lands_with_truth_geometry_and_units(study):
     print(f"\nreconstruct(wait=True) through the door: {study['seconds']:.1f} s")
 
 
+def test_uncertainty_map_and_binned_grid_arrive_with_the_image(study, logic):
+    """A method with replicates (n2n) on a 2x2-binned grid: its voxel SD map loads as a second volume,
+    in the image's unit, referenced from the image and equal to the engine's file."""
+    from SelfSupervisedSPECTLib.logic import ROLE, UNCERTAINTY_REFERENCE
+
+    run = logic.reconstruct(study["projection_node"], study["ct_node"], method="n2n", features=4, iterations=2,
+                            subsets=4, steps=4, validation_interval=2, detector_binning=2,
+                            calibration_cps_per_MBq=study["sensitivity_cps_per_mbq"], device="cpu", wait=True)
+    assert run.state == "done", (run.state, run.error)
+    image = logic.load_result(run, study["ct_node"])
+    sd = image.GetNodeReference(UNCERTAINTY_REFERENCE)
+    assert sd is not None and sd.GetAttribute(ROLE) == "uncertainty" and image.GetAttribute(ROLE) == "result"
+    assert sd.GetName() == f"{image.GetName()} SD" and sd.GetAttribute("SelfSupervisedSPECT.Unit") == "Bq/mL"
+    values, spread = slicer.util.arrayFromVolume(image), slicer.util.arrayFromVolume(sd)
+    assert values.shape == spread.shape == (16, 16, 16)  # 32^3 study binned 2x2
+    assert np.all(spread >= 0) and 0 < spread.mean() < values.mean()
+    np.testing.assert_array_equal(_matrix(sd), _matrix(image))
+    from sspect.io.export import read_image
+    np.testing.assert_allclose(spread, read_image(run.result["files"]["uncertainty"]).array.transpose(2, 1, 0))
+
+
 def test_fusion_in_every_slice_view(study, red_view):
     composite = red_view.GetSliceCompositeNode()
     assert composite.GetBackgroundVolumeID() == study["ct_node"].GetID()

@@ -155,4 +155,5 @@ def all_methods() -> dict[str, Method]:
 def _load_builtin_methods() -> None:
     from . import classical  # noqa: F401  (registers on import)
     from . import self_supervised  # noqa: F401  (dip; imports torch and MONAI only when it runs)
+    from . import dip_admm  # noqa: F401  (dip-admm: the ADMM form on PyTomography's DIPRecon)
     from . import splitting  # noqa: F401  (n2n, noise2inverse; torch and MONAI imported when they run)

@@ -39,9 +39,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 from ..errors import SSPECTError
 from . import Events, Method, Param, Result, register
+
+if TYPE_CHECKING:  # torch is imported where it is used
+    import torch
 
 STRIDES = (2, 2, 2)  # the U-Net halves the grid three times: the grid is padded to a multiple of 8
 PRETRAIN_LEARNING_RATE = 0.01  # the regression on the OSEM image tolerates a larger step than the likelihood
@@ -67,8 +72,8 @@ def _network_features(f: int) -> tuple[int, ...]:
     return (f, 2 * f, 4 * f, 8 * f)
 
 
-def _network(features: int, start_value: float):
-    """A small MONAI U-Net (strided convolutions, instance norm, PReLU) whose output starts uniform.
+def _network(features: int, start_value: float, in_channels: int = 1):
+    """A small MONAI U-Net (strided convolutions, instance norm, PReLU), ``in_channels`` -> 1, whose output starts uniform.
 
     The output layer starts with zero weights and the bias ``softplus^-1(start_value)``, so the
     first image is uniform and the pretraining / likelihood add the structure.
@@ -76,7 +81,7 @@ def _network(features: int, start_value: float):
     import torch
     from monai.networks.nets import UNet
 
-    network = UNet(spatial_dims=3, in_channels=1, out_channels=1, channels=_network_features(features),
+    network = UNet(spatial_dims=3, in_channels=in_channels, out_channels=1, channels=_network_features(features),
                    strides=STRIDES, num_res_units=0, norm="instance")
     output_layer = network.model[-1].conv
     assert output_layer.out_channels == 1, output_layer
@@ -135,24 +140,149 @@ def poisson_nll(mean, counts):
     return (mean - counts + torch.xlogy(counts, counts) - counts * torch.log(mean)).sum()
 
 
+@dataclass
+class SplitCounts:
+    """The measured counts as the likelihood training uses them: a training share and a held-out share."""
+
+    train: "torch.Tensor"  # y_train ~ Binomial(y, 1 - fraction); all counts when fraction is 0
+    validation: "torch.Tensor | None"  # y_val = y - y_train, None without a hold-out
+    scatter: "torch.Tensor"  # s at the full-count scale (zeros without a scatter estimate)
+    fraction: float
+
+    @property
+    def keep(self) -> float:
+        return 1.0 - self.fraction
+
+
+def split_problem_counts(problem, fraction: float, seed: int, events: Events) -> SplitCounts:
+    """The problem's projections split by binomial thinning (:func:`split_counts`), on its device."""
+    import torch
+
+    counts = problem.projections.to(problem.device)
+    if not bool(torch.all(counts == torch.round(counts))):
+        events.log("The projections are not whole counts; they are rounded for the count split.")
+    train, validation = split_counts(counts, fraction, seed) if fraction > 0 else (counts, None)
+    scatter = problem.scatter.to(problem.device) if problem.scatter is not None else torch.zeros_like(counts)
+    return SplitCounts(train, validation, scatter, fraction)
+
+
+def em_preconditioned(image, sensitivity):
+    """``image``, with the gradient that reaches it multiplied by ``image / sensitivity`` (EM's diagonal preconditioner).
+
+    The NLL gradient ``A^T 1 - A^T(y / ybar)`` times ``x / A^T 1`` is ``x - x_EM``, the MLEM step:
+    still a descent direction of the NLL (a positive diagonal scaling), with the same stationary
+    points, but it weighs voxels as EM does instead of by their sensitivity, which resolves the
+    image much faster through a network (Adam scales per weight, not per voxel; figures in dl_bpf).
+    """
+    if image.requires_grad:
+        weight = image.detach() / sensitivity.clamp_min(1e-12)
+        image.register_hook(lambda gradient: gradient * weight)
+    return image
+
+
+@dataclass
+class LikelihoodFit:
+    """What :func:`fit_likelihood` chose and where it stopped."""
+
+    image: "torch.Tensor"  # the image with the lowest validation NLL (the last one without a hold-out)
+    best_step: int
+    stopped_at: int
+    stopped_early: bool
+    validation_nll: list  # [step, validation NLL] at every check
+
+
+def fit_likelihood(image: Callable, parameters, system_matrix, counts: SplitCounts, events: Events, *,
+                   iterations: int, learning_rate: float, validation_interval: int, patience: int,
+                   steps_before: int = 0, name: str = "The deep image prior", sensitivity=None) -> LikelihoodFit:
+    """Adam on the Poisson NLL of ``counts.train`` under ``keep (A image() + s)``, stopped on the held-out counts.
+
+    ``image()`` returns the current full-count image, differentiable in ``parameters``. Every
+    ``validation_interval`` steps (and at the last) the validation NLL of ``counts.validation``
+    under ``fraction (A x + s)`` is computed from that step's forward projection; the image with
+    the lowest one is kept and training stops after ``patience`` checks without improvement (0:
+    never). Progress fractions count ``steps_before`` earlier steps (a pretraining stage) as done.
+    With ``sensitivity`` (``A^T 1`` at the full-count scale) the gradient reaching the image is
+    EM-preconditioned (:func:`em_preconditioned`).
+    """
+    import torch
+
+    from .projector import project
+
+    fraction, keep = counts.fraction, counts.keep
+    total = steps_before + iterations
+    optimiser = torch.optim.Adam(parameters, lr=learning_rate)
+    history, best, since_best, step = [], None, 0, 0
+    for step in range(1, iterations + 1):
+        x = image() if sensitivity is None else em_preconditioned(image(), counts.keep * sensitivity)
+        expected = project(x, system_matrix) + counts.scatter  # A x + s at the full-count scale
+        loss = poisson_nll(keep * expected, counts.train)
+        value = loss.detach().item()
+        if not math.isfinite(value):
+            raise SSPECTError(f"{name} diverged at step {step}; lower the learning rate.")
+        fields = {"stage": "train", "step": step, "loss": value}
+        message = f"step {step}/{iterations}, loss {value:.6g}"
+        check = step % validation_interval == 0 or step == iterations
+        if check and counts.validation is not None:
+            with torch.no_grad():  # the same forward projection, scaled to the held-out share
+                validation = float(poisson_nll(fraction * expected, counts.validation))
+            history.append([step, validation])
+            fields["validation"] = validation
+            message += f", validation {validation:.6g}"
+            if best is None or validation < best["validation"]:
+                best, since_best = {"validation": validation, "step": step, "image": x.detach().clone()}, 0
+            else:
+                since_best += 1
+        if check and events.wants_iterates:
+            events.iterate(step, x.detach().cpu().numpy().copy())
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        events.progress((steps_before + step) / total, message, **fields)
+        if best is not None and patience and since_best >= patience:
+            break
+    stopped_at = step
+
+    if best is None:  # no hold-out: the image after the last step
+        with torch.no_grad():
+            final, best_step = image().detach(), stopped_at
+    else:
+        final, best_step = best["image"], best["step"]
+    stopped_early = stopped_at < iterations
+    events.progress(1.0, f"stopped at step {stopped_at}" + (" (validation stopped improving)" if stopped_early else "")
+                    + f"; image from step {best_step}", stage="done", step=stopped_at)
+    return LikelihoodFit(final, best_step, stopped_at, stopped_early, history)
+
+
+def fit_to_image(image: Callable, parameters, target, scale: float, events: Events, *, steps: int, steps_after: int,
+                 stage: str = "pretrain") -> None:
+    """Adam (learning rate 0.01) on ``mean((image() - target)^2) / scale^2``: puts a network near ``target`` before the likelihood.
+
+    Progress events carry ``stage`` and leave room for ``steps_after`` later steps (the likelihood training).
+    """
+    import torch
+
+    if not steps:
+        return
+    optimiser = torch.optim.Adam(parameters, lr=PRETRAIN_LEARNING_RATE)
+    target = target / scale
+    for step in range(1, steps + 1):
+        loss = torch.mean((image() / scale - target) ** 2)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        value = loss.detach().item()
+        events.progress(step / (steps + steps_after), f"{stage}: fitting the short OSEM image, step {step}/{steps}, "
+                        f"mse {value:.4g}", stage=stage, step=step, loss=value)
+
+
 def run_dip(problem, params, events: Events) -> Result:
     import torch
     import torch.nn.functional as F
 
-    from .projector import project
-
     device = problem.device
     fraction = params["validation_fraction"]
-    keep = 1.0 - fraction
-    interval, patience = params["validation_interval"], params["patience"]
     with _reproducible(device, params["seed"]):
-        counts = problem.projections.to(device)
-        if not bool(torch.all(counts == torch.round(counts))):
-            events.log("The projections are not whole counts; they are rounded for the count split.")
-        y_train, y_val = split_counts(counts, fraction, params["seed"]) if fraction > 0 else (counts, None)
-        scatter = problem.scatter.to(device) if problem.scatter is not None else torch.zeros_like(counts)
-        system_matrix = problem.system_matrix
-
+        counts = split_problem_counts(problem, fraction, params["seed"], events)
         shape = tuple(problem.object_meta.shape)
         if problem.attenuation_map is not None and float(problem.attenuation_map.max()) > 0:
             mu = problem.attenuation_map.to(device, torch.float32)
@@ -166,7 +296,7 @@ def run_dip(problem, params, events: Events) -> Result:
 
         # A short OSEM of the training counts (divided by 1 - p: full-count scale) is the pretraining
         # target and sets the image scale c, x = c softplus(f(mu)), so that the network's outputs are O(1).
-        start = _short_osem(problem, y_train, keep * scatter) / keep
+        start = _short_osem(problem, counts.train, counts.keep * counts.scatter) / counts.keep
         sample = start.flatten().float()[:: max(1, start.numel() // 1_000_000)]  # torch.quantile's size limit
         scale = max(float(torch.quantile(sample, 0.999)), 1e-12)
         network = _network(params["features"], float(start.mean()) / scale).to(device)
@@ -174,63 +304,16 @@ def run_dip(problem, params, events: Events) -> Result:
         def image():
             return scale * F.softplus(network(network_input)[0, 0][crop])
 
-        total = params["pretrain_steps"] + params["iterations"]
-        if params["pretrain_steps"]:
-            optimiser = torch.optim.Adam(network.parameters(), lr=PRETRAIN_LEARNING_RATE)
-            target = start / scale
-            for step in range(1, params["pretrain_steps"] + 1):
-                loss = torch.mean((image() / scale - target) ** 2)
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
-                value = loss.detach().item()
-                events.progress(step / total, f"pretraining on OSEM, step {step}/{params['pretrain_steps']}, mse {value:.4g}",
-                                stage="pretrain", step=step, loss=value)
-
-        optimiser = torch.optim.Adam(network.parameters(), lr=params["learning_rate"])
-        history, best, since_best, step = [], None, 0, 0
-        for step in range(1, params["iterations"] + 1):
-            x = image()
-            expected = project(x, system_matrix) + scatter  # A x + s at the full-count scale
-            loss = poisson_nll(keep * expected, y_train)
-            value = loss.detach().item()
-            if not math.isfinite(value):
-                raise SSPECTError(f"The deep image prior diverged at step {step}; lower the learning rate.")
-            fields = {"stage": "train", "step": step, "loss": value}
-            message = f"step {step}/{params['iterations']}, loss {value:.6g}"
-            check = step % interval == 0 or step == params["iterations"]
-            if check and y_val is not None:
-                with torch.no_grad():  # the same forward projection, scaled to the held-out share
-                    validation = float(poisson_nll(fraction * expected, y_val))
-                history.append([step, validation])
-                fields["validation"] = validation
-                message += f", validation {validation:.6g}"
-                if best is None or validation < best["validation"]:
-                    best, since_best = {"validation": validation, "step": step, "image": x.detach().clone()}, 0
-                else:
-                    since_best += 1
-            if check and events.wants_iterates:
-                events.iterate(step, x.detach().cpu().numpy().copy())
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            events.progress((params["pretrain_steps"] + step) / total, message, **fields)
-            if best is not None and patience and since_best >= patience:
-                break
-        stopped_at = step
-
-        if best is None:  # no hold-out: the image after the last step
-            with torch.no_grad():
-                final, best_step = image().detach(), stopped_at
-        else:
-            final, best_step = best["image"], best["step"]
-        stopped_early = stopped_at < params["iterations"]
-        events.progress(1.0, f"stopped at step {stopped_at}" + (" (validation stopped improving)" if stopped_early else "")
-                        + f"; image from step {best_step}", stage="done", step=stopped_at)
-        image_array = final.cpu().numpy()
+        fit_to_image(image, network.parameters(), start, scale, events, steps=params["pretrain_steps"],
+                     steps_after=params["iterations"])
+        fit = fit_likelihood(image, network.parameters(), problem.system_matrix, counts, events,
+                             iterations=params["iterations"], learning_rate=params["learning_rate"],
+                             validation_interval=params["validation_interval"], patience=params["patience"],
+                             steps_before=params["pretrain_steps"])
+        image_array = fit.image.cpu().numpy()
     info = {
-        "best_step": best_step, "stopped_at": stopped_at, "stopped_early": stopped_early,
-        "validation_nll": history, "validation_fraction": fraction, "pretrain_steps": params["pretrain_steps"],
+        "best_step": fit.best_step, "stopped_at": fit.stopped_at, "stopped_early": fit.stopped_early,
+        "validation_nll": fit.validation_nll, "validation_fraction": fraction, "pretrain_steps": params["pretrain_steps"],
         "network": f"MONAI UNet channels {list(_network_features(params['features']))}, strides {list(STRIDES)}",
         "network_parameters": sum(p.numel() for p in network.parameters()),
         "input": input_name, "seed": params["seed"],

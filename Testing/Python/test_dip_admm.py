@@ -15,19 +15,11 @@ from sspect.errors import SSPECTError
 from sspect.eval.metrics import nrmse
 from sspect.methods import Cancelled, Events, all_methods, get_method
 from sspect.methods.dip_admm import PriorNetwork
-from sspect.pipeline import bq_per_ml_factor
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # a small run: a few outer iterations of a thin network
 TINY = {"features": 4, "pretrain_steps": 5, "iterations": 4, "fit_steps": 3}
-
-
-@pytest.fixture(scope="module")
-def to_mbq_per_ml(small_study, study):
-    bed = study.beds[0]
-    voxel_ml = float(np.prod(bed.object_spacing_mm)) / 1000.0
-    return bq_per_ml_factor(small_study["sensitivity_cps_per_mbq"], bed.frame_duration_s, voxel_ml) / 1e6
 
 
 @pytest.fixture(scope="module")

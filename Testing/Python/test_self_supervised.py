@@ -20,7 +20,7 @@ from sspect.methods import Cancelled, Events, all_methods, get_method
 from sspect.methods.projector import SPECTProjection, back_project, project
 from sspect.methods.self_supervised import poisson_nll, split_counts
 from sspect.physics.system import build_problem
-from sspect.pipeline import Settings, bq_per_ml_factor, reconstruct_study
+from sspect.pipeline import Settings, reconstruct_study
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -49,13 +49,6 @@ def small_system():
     psf = get_psfmeta_from_scanner_params("GI-MEGP", energy_keV=208)
     system = SPECTSystemMatrix([SPECTAttenuationTransform(mu), SPECTPSFTransform(psf)], [], object_meta, proj_meta)
     return {"system": system, "object": (n, n, n), "projections": (views, n, n), "generator": generator}
-
-
-@pytest.fixture(scope="module")
-def to_mbq_per_ml(small_study, study):
-    bed = study.beds[0]
-    voxel_ml = float(np.prod(bed.object_spacing_mm)) / 1000.0
-    return bq_per_ml_factor(small_study["sensitivity_cps_per_mbq"], bed.frame_duration_s, voxel_ml) / 1e6
 
 
 @pytest.fixture(scope="module")

@@ -60,7 +60,7 @@ import math
 
 from ..errors import SSPECTError
 from . import Events, Method, Param, Result, register
-from .self_supervised import _network, _network_features, _padding, _reproducible, _short_osem, poisson_nll, split_counts
+from .self_supervised import _network, _network_features, _reproducible, _short_osem, poisson_nll, prior_input, split_counts
 
 
 PARAMS = (
@@ -153,7 +153,6 @@ class PriorNetwork:
 
 def run_dip_admm(problem, params, events: Events) -> Result:
     import torch
-    import torch.nn.functional as F
     from pytomography.algorithms import DIPRecon
     from pytomography.callbacks import Callback
 
@@ -173,16 +172,7 @@ def run_dip_admm(problem, params, events: Events) -> Result:
         scatter = problem.scatter.to(device) if problem.scatter is not None else torch.zeros_like(counts)
         system_matrix = problem.system_matrix
 
-        shape = tuple(problem.object_meta.shape)
-        if problem.attenuation_map is not None and float(problem.attenuation_map.max()) > 0:
-            mu = problem.attenuation_map.to(device, torch.float32)
-            network_input, input_name = mu / mu.max(), "attenuation map"
-        else:
-            events.log("No CT: the network input is fixed random noise (the original deep image prior).")
-            network_input, input_name = torch.rand(shape, device=device), "noise"
-        padding = _padding(shape)
-        network_input = F.pad(network_input[None, None], padding, mode="replicate")
-        crop = tuple(slice(padding[2 * i], padding[2 * i] + size) for i, size in enumerate(reversed(shape)))[::-1]
+        network_input, input_name, crop = prior_input(problem, events)
 
         # DIPRecon works on the training counts: y_train ~ Poisson((1 - p)(A x + s)) = Poisson(A x' + (1 - p) s)
         # with x' = (1 - p) x, so its images are (1 - p) times the full-count image, divided back at the end.

@@ -275,6 +275,26 @@ def fit_to_image(image: Callable, parameters, target, scale: float, events: Even
                         f"mse {value:.4g}", stage=stage, step=step, loss=value)
 
 
+def prior_input(problem, events: Events):
+    """The deep image prior's fixed input ``z``: the attenuation map scaled to 1 (or noise without a CT),
+    padded to the U-Net's stride, as [1, 1, ...]; returns (z, what it is, the crop back to the object)."""
+    import torch
+    import torch.nn.functional as F
+
+    shape = tuple(problem.object_meta.shape)
+    device = problem.device
+    if problem.attenuation_map is not None and float(problem.attenuation_map.max()) > 0:
+        mu = problem.attenuation_map.to(device, torch.float32)
+        network_input, input_name = mu / mu.max(), "attenuation map"
+    else:
+        events.log("No CT: the network input is fixed random noise (the original deep image prior).")
+        network_input, input_name = torch.rand(shape, device=device), "noise"
+    padding = _padding(shape)
+    network_input = F.pad(network_input[None, None], padding, mode="replicate")
+    crop = tuple(slice(padding[2 * i], padding[2 * i] + size) for i, size in enumerate(reversed(shape)))[::-1]
+    return network_input, input_name, crop
+
+
 def run_dip(problem, params, events: Events) -> Result:
     import torch
     import torch.nn.functional as F
@@ -283,16 +303,7 @@ def run_dip(problem, params, events: Events) -> Result:
     fraction = params["validation_fraction"]
     with _reproducible(device, params["seed"]):
         counts = split_problem_counts(problem, fraction, params["seed"], events)
-        shape = tuple(problem.object_meta.shape)
-        if problem.attenuation_map is not None and float(problem.attenuation_map.max()) > 0:
-            mu = problem.attenuation_map.to(device, torch.float32)
-            network_input, input_name = mu / mu.max(), "attenuation map"
-        else:
-            events.log("No CT: the network input is fixed random noise (the original deep image prior).")
-            network_input, input_name = torch.rand(shape, device=device), "noise"
-        padding = _padding(shape)
-        network_input = F.pad(network_input[None, None], padding, mode="replicate")
-        crop = tuple(slice(padding[2 * i], padding[2 * i] + size) for i, size in enumerate(reversed(shape)))[::-1]
+        network_input, input_name, crop = prior_input(problem, events)
 
         # A short OSEM of the training counts (divided by 1 - p: full-count scale) is the pretraining
         # target and sets the image scale c, x = c softplus(f(mu)), so that the network's outputs are O(1).

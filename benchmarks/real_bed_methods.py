@@ -24,8 +24,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY = REPO.parent / "shared" / "data" / "lu177_ge670"
-DEFAULT_METHODS = ("osem:iterations=4:subsets=6,bsrem:iterations=6:subsets=6:beta=0.3,dip,dip-admm,"
-                   "n2n:domain=image,n2n:domain=projection,noise2inverse,dl-bpf")
+DEFAULT_METHODS = ("osem:iterations=4:subsets=6,bsrem:iterations=6:subsets=6:beta=0.3,n2n:domain=image,noise2inverse,"
+                   "n2n:domain=projection,dl-bpf:weights=shipped,dip,dip-admm,dl-bpf")
 
 
 def run_one(spec: str, binning: int, out: Path) -> dict:
@@ -62,9 +62,10 @@ def run_all(methods: list[str], binning: int, out: Path) -> list[dict]:
         if child.returncode != 0:
             rows.append({"method": spec.replace(":", " "), "error": child.stderr.strip().splitlines()[-1:]})
             print(child.stderr[-2000:], file=sys.stderr)
-            continue
-        rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
-        print(f"  {rows[-1]['seconds']} s, {rows[-1]['peak_rss_mib']} MiB", file=sys.stderr, flush=True)
+        else:
+            rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
+            print(f"  {rows[-1]['seconds']} s, {rows[-1]['peak_rss_mib']} MiB", file=sys.stderr, flush=True)
+        (out / "results.json").write_text(json.dumps(rows, indent=2))  # kept current: a stopped run keeps what finished
     return rows
 
 
@@ -135,7 +136,6 @@ def main() -> int:
         rows = json.loads((out / "results.json").read_text())
     else:
         rows = run_all([m for m in args.methods.split(",") if m], args.binning, out)
-        (out / "results.json").write_text(json.dumps(rows, indent=2))
     write_outputs(rows, out, args.binning)
     return 0
 

@@ -166,6 +166,17 @@ def command_dataset(args) -> int:
     return 0
 
 
+def command_pretrain(args) -> int:
+    from .eval.benchmark import pretrain_dl_bpf
+    from .eval.harness import grid_config
+
+    command = "sspect " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["pretrain"] else "sspect pretrain"
+    metadata = pretrain_dl_bpf(args.phantoms, args.seconds, args.out, args.steps, args.warm_start_steps, args.features,
+                               args.seed, grid_config(args.grid), command)
+    print(f"Network written: {args.out} (voxel {metadata['voxel_mm']} mm, sha256 {metadata['sha256'][:12]}...)")
+    return 0
+
+
 def _add_distribution_options(parser):
     parser.add_argument("--workers", type=int, default=2, help="local Dask workers (0: run in this process)")
     parser.add_argument("--scheduler", help="address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786")
@@ -235,6 +246,17 @@ def build_parser() -> argparse.ArgumentParser:
     dataset.add_argument("--out", required=True)
     _add_distribution_options(dataset)
     dataset.set_defaults(func=command_dataset)
+
+    pre = sub.add_parser("pretrain", help="pretrain a DL-BPF network on simulated scans (self-supervised) -> .safetensors")
+    pre.add_argument("--phantoms", default="torso100,torso101,torso102,torso103", help="torso<seed>, nema<ratio>, comma-separated")
+    pre.add_argument("--seconds", default="10,40,160", help="count levels (s/view), used in turn over the phantoms")
+    pre.add_argument("--grid", default="coarse", choices=("standard", "coarse"), help="as for `sspect benchmark`")
+    pre.add_argument("--steps", type=int, default=1200, help="likelihood steps (one scan a step)")
+    pre.add_argument("--warm-start-steps", type=int, default=800, help="steps fitting each scan's short OSEM first")
+    pre.add_argument("--features", type=int, default=16)
+    pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--out", required=True, help="the .safetensors file to write")
+    pre.set_defaults(func=command_pretrain)
 
     demo = sub.add_parser("demo", help="simulate a small 177Lu SPECT/CT, reconstruct it and write a report")
     demo.add_argument("--out", default="demo-output")

@@ -41,10 +41,10 @@ def parse_methods(text: str) -> list[tuple[str, dict]]:
     return methods
 
 
-def _progress(total: int):
+def _progress(total: int, unit: str = "case"):
     from tqdm import tqdm
 
-    bar = tqdm(total=total, unit="case", file=sys.stderr)
+    bar = tqdm(total=total, unit=unit, file=sys.stderr)
     return bar, lambda result: (bar.update(1), bar.set_postfix_str(result.case.name))
 
 
@@ -222,6 +222,42 @@ def run_dataset(n: int, out, first_seed: int = 0, seconds_per_view: float = CLIN
     manifest = {"config": config_dict(config), "n": len(entries), "cases": entries}
     write_json_atomic(out / "manifest.json", manifest)
     return out / "manifest.json"
+
+
+def pretrain_dl_bpf(phantoms: str, seconds: str, out, steps: int, warm_start_steps: int, features: int = 16,
+                    seed: int = 0, config: HarnessConfig | None = None, command: str = "sspect pretrain") -> dict:
+    """Pretrain a DL-BPF network on simulated scans (no truth used) and save it as safetensors.
+
+    The scans are the harness's: phantoms drawn twice finer, projected with attenuation,
+    collimator response and scatter, Poisson counts written as DICOM and read back.
+    """
+    import tempfile
+
+    from ..methods import Events
+    from ..methods.dl_bpf import pretrain
+    from .harness import training_problems
+
+    config = config or HarnessConfig()
+    specs = parse_phantoms(phantoms)
+    levels = [float(s) for s in seconds.split(",")]
+    levels = [levels[i % len(levels)] for i in range(len(specs))]  # count levels in turn over the phantoms
+    bar, _ = _progress(warm_start_steps + steps, unit="step")
+    with tempfile.TemporaryDirectory() as work:
+        problems = training_problems(specs, config, levels, work)
+
+        def on_event(event):
+            if event.get("event") == "progress":
+                bar.n = event.get("step", bar.n)
+                bar.set_postfix_str(f"{event.get('stage')} loss {event.get('loss', 0):.4g}")
+                bar.refresh()
+
+        try:
+            data = {"phantoms": [spec.name for spec in specs], "seconds_per_view": levels, "grid": config_dict(config),
+                    "command": command}
+            return pretrain(problems, out, steps, seed, features, warm_start_steps=warm_start_steps,
+                            collimator=config.collimator_code, events=Events(on_event), training_data=data)
+        finally:
+            bar.close()
 
 
 def _sha256(path: Path) -> str:

@@ -161,16 +161,21 @@ def write_case_study(simulated: dict, case: Case, config: HarnessConfig, folder:
     return nm, ct_files, counts
 
 
-def training_problems(specs, config: HarnessConfig, seconds_per_view: float, work_dir, realisation: int = 0) -> list:
-    """Reconstruction problems of simulated scans (for pretraining networks; no truth is returned)."""
+def training_problems(specs, config: HarnessConfig, seconds_per_view, work_dir, realisation: int = 0) -> list:
+    """Reconstruction problems of simulated scans (for pretraining networks; no truth is returned).
+
+    ``seconds_per_view``: one count level for all, or one per phantom."""
     from ..io.ct import attenuation_map
     from ..physics.presets import LU177_PHOTOPEAK_KEV
     from ..physics.system import build_problem
     from ..pipeline import Settings, load_study
 
+    levels = list(seconds_per_view) if isinstance(seconds_per_view, (list, tuple)) else [seconds_per_view] * len(specs)
+    if len(levels) != len(specs):
+        raise SSPECTError(f"Give one count level for all scans or one per scan ({len(specs)}), not {len(levels)}.")
     problems = []
-    for spec in specs:
-        case = Case(spec, seconds_per_view, realisation, ())
+    for spec, seconds in zip(specs, levels):
+        case = Case(spec, seconds, realisation, ())
         nm, ct_files, _ = write_case_study(simulate_expected(spec, config), case, config, Path(work_dir) / case.name)
         with contextlib.redirect_stdout(io.StringIO()):
             study = load_study(nm, ct_files, Settings(device="cpu"))

@@ -103,7 +103,8 @@ PARAMS = (
           "Steps fitting a new network to a 2-iteration OSEM image of this scan before the likelihood (0: none; "
           "not used with pretrained weights)", 0, 100000),
     Param("ct_input", bool, True, "Give the network the attenuation map as a second input channel when there is a CT"),
-    Param("weights", str, "", "Pretrained network (.safetensors written by dl_bpf.pretrain); empty: train a new network on this scan"),
+    Param("weights", str, "", "Pretrained network: a .safetensors file written by `sspect pretrain`, or 'shipped' for the one "
+          "that comes with the engine (8.8 mm voxels: 2x2-binned 4.4 mm detectors); empty: train a new network on this scan"),
     Param("fine_tune_steps", int, 100,
           "Likelihood steps adapting the pretrained network to this scan (0: apply it as it is)", 0, 100000),
     Param("seed", int, 0, "Seed of the network weights and of the count split (same seed, same image on the same CPU)",
@@ -164,6 +165,15 @@ class _Inputs:
 
 
 # ---------------------------------------------------------------- weights on disk
+
+# Pretrained with `sspect pretrain` (defaults) on four simulated torso scans; see docs/self-supervised-report.
+SHIPPED_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "dl_bpf_lu177_megp_8.8mm.safetensors"
+
+
+def resolve_weights(value: str) -> Path:
+    """'shipped' -> the network that comes with the engine; anything else is a path."""
+    return SHIPPED_WEIGHTS if value.strip().lower() == "shipped" else Path(value).expanduser()
+
 
 
 def _voxel_mm(problem) -> list[float]:
@@ -247,7 +257,7 @@ def load_network(path, *, features: int, in_channels: int, voxel_mm):
 
 def pretrain(problems, out_path, steps: int, seed: int = 0, features: int = 16, *, warm_start_steps: int = 200,
              learning_rate: float = PRETRAIN_LEARNING_RATE, ct_input: bool = True, collimator: str = "",
-             events: Events | None = None) -> dict:
+             events: Events | None = None, training_data: dict | None = None) -> dict:
     """Train one DL-BPF network over ``problems`` by the self-supervised likelihood; save it to ``out_path``.
 
     No ground truth: each step takes the next scan in turn. ``warm_start_steps`` steps first fit
@@ -256,7 +266,8 @@ def pretrain(problems, out_path, steps: int, seed: int = 0, features: int = 16, 
     its counts so that every scan weighs the same whatever its count level), EM-preconditioned.
     All counts are used and every step is run (no hold-out: fine-tuning on the target scan stops
     on its own). Returns the metadata written in the file's header; ``collimator`` (e.g.
-    "GI-MEGP") is recorded there for the user.
+    "GI-MEGP") and ``training_data`` (what the scans were, how to make them again) are recorded
+    there for the user.
     """
     import torch
 
@@ -309,7 +320,7 @@ def pretrain(problems, out_path, steps: int, seed: int = 0, features: int = 16, 
     training = {"scans": len(problems), "warm_start_steps": warm_start_steps, "steps": steps, "seed": seed,
                 "learning_rate": learning_rate,
                 "loss": "MSE to each scan's 2-iteration OSEM, then EM-preconditioned Poisson NLL of all counts per count, "
-                        "one scan a step"}
+                        "one scan a step", **({"data": training_data} if training_data else {})}
     return save_network(network, out_path, features=features, in_channels=in_channels, voxel_mm=voxel_mm,
                         collimator=collimator, training=training)
 
@@ -331,7 +342,7 @@ def run_dl_bpf(problem, params, events: Events) -> Result:
     info = {"regime": "per scan", "weights": "", "weights_sha256": "", "warm_start_steps": 0 if pretrained else params["warm_start_steps"]}
     with _reproducible(device, params["seed"]):
         if pretrained:
-            network, metadata = load_network(params["weights"], features=params["features"], in_channels=in_channels,
+            network, metadata = load_network(resolve_weights(params["weights"]), features=params["features"], in_channels=in_channels,
                                              voxel_mm=_voxel_mm(problem))
             network = network.to(device)
             info = {"regime": "pretrained, fine-tuned" if steps else "pretrained", "weights": params["weights"],

@@ -1,0 +1,1 @@
+"""Pretrained networks that ship with the engine, as safetensors files (weights and a text header; never pickle)."""

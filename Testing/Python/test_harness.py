@@ -157,3 +157,20 @@ def test_short_labels_name_what_differs_between_methods():
     assert short_label("dip features=16 iterations=300 seed=0") == "dip"
     assert short_label("n2n domain=projection seed=0") == "n2n projection"
     assert short_label("dl-bpf weights=/w.safetensors") == "dl-bpf pretrained"
+
+
+def test_pretrain_command_trains_on_simulated_scans_and_records_them(tmp_path):
+    """`sspect pretrain`'s work: harness scans (no truth) -> a DL-BPF network whose header names its data."""
+    import json
+
+    from sspect.eval.benchmark import pretrain_dl_bpf
+    from sspect.eval.harness import training_problems
+
+    problems = training_problems(parse_phantoms("torso1,torso2"), SMALL, [5.0, 20.0], tmp_path / "scans")
+    totals = [float(p.projections.sum()) for p in problems]
+    assert all(p.object_meta.dr[0] * 10 == pytest.approx(SMALL.voxel_mm) for p in problems) and totals[1] > 2 * totals[0]
+    metadata = pretrain_dl_bpf("torso1,torso2", "5,20", tmp_path / "net.safetensors", steps=2, warm_start_steps=2,
+                               features=4, config=SMALL, command="sspect pretrain --test")
+    data = json.loads(metadata["training"])["data"]
+    assert data["phantoms"] == ["torso1", "torso2"] and data["seconds_per_view"] == [5.0, 20.0]
+    assert data["command"] == "sspect pretrain --test" and (tmp_path / "net.safetensors").stat().st_size > 0

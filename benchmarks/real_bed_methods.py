@@ -53,9 +53,11 @@ def run_one(spec: str, binning: int, out: Path) -> dict:
             "uncertainty": "uncertainty" in result["files"], "finite": bool(np.isfinite(image).all())}
 
 
-def run_all(methods: list[str], binning: int, out: Path) -> list[dict]:
-    rows = []
+def run_all(methods: list[str], binning: int, out: Path, rows: list[dict] | None = None) -> list[dict]:
+    """Run ``methods`` one after another; with earlier ``rows``, a method run again replaces its row."""
+    rows = list(rows or [])
     for spec in methods:
+        rows = [row for row in rows if row["method"] != spec.replace(":", " ")]
         print(f"running {spec} ...", file=sys.stderr, flush=True)
         child = subprocess.run([sys.executable, __file__, "--one", spec, "--binning", str(binning), "--out", str(out)],
                                capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -122,6 +124,7 @@ def main() -> int:
     parser.add_argument("--binning", type=int, default=2)
     parser.add_argument("--out", default="real-bed-output")
     parser.add_argument("--from-json", action="store_true", help="only redraw the table and figure from results.json")
+    parser.add_argument("--append", action="store_true", help="keep results.json's other methods (rerun or add some)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one method in this (child) process
     args = parser.parse_args()
     out = Path(args.out)
@@ -135,7 +138,8 @@ def main() -> int:
     if args.from_json:
         rows = json.loads((out / "results.json").read_text())
     else:
-        rows = run_all([m for m in args.methods.split(",") if m], args.binning, out)
+        earlier = json.loads((out / "results.json").read_text()) if args.append and (out / "results.json").exists() else []
+        rows = run_all([m for m in args.methods.split(",") if m], args.binning, out, earlier)
     write_outputs(rows, out, args.binning)
     return 0
 

@@ -126,7 +126,7 @@ def _read_config(folder: Path) -> HarnessConfig:
 def _made_with(folder: Path) -> str:
     """The sentence of a folder's report.md that names the command which computed its numbers."""
     previous = (folder / "report.md").read_text() if (folder / "report.md").exists() else ""
-    found = re.search(r"^Made with .*$", previous, re.MULTILINE)
+    found = re.search(r"^(?:Made|Merged) with .*$", previous, re.MULTILINE)
     return found.group(0) if found else "Made with an earlier run."
 
 

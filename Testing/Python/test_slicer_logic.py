@@ -263,6 +263,10 @@ def test_uncertainty_map_and_binned_grid_arrive_with_the_image(study, logic):
     np.testing.assert_array_equal(_matrix(sd), _matrix(image))
     from sspect.io.export import read_image
     np.testing.assert_allclose(spread, read_image(run.result["files"]["uncertainty"]).array.transpose(2, 1, 0))
+    # leave the shared scene as the other tests expect it: the OSEM result fused with the CT
+    for node in (image, sd):
+        slicer.mrmlScene.RemoveNode(node)
+    logic.show_fused(study["ct_node"], study["result"])
 
 
 def test_fusion_in_every_slice_view(study, red_view):

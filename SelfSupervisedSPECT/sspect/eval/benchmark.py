@@ -124,18 +124,19 @@ def _read_config(folder: Path) -> HarnessConfig:
 
 
 def _made_with(folder: Path) -> str:
-    """The sentence of a folder's report.md that names the command which computed its numbers."""
+    """The sentence of a folder's report.md that names the command which computed its numbers,
+    without a "(report rebuilt with ...)" of its own and without the final full stop."""
     previous = (folder / "report.md").read_text() if (folder / "report.md").exists() else ""
     found = re.search(r"^(?:Made|Merged) with .*$", previous, re.MULTILINE)
-    return found.group(0) if found else "Made with an earlier run."
+    sentence = found.group(0) if found else "Made with an earlier run."
+    return sentence.split(" (report rebuilt with")[0].rstrip(".")
 
 
 def rebuild_report(out, command: str) -> Path:
     """Rewrite report.md and the plots from results.csv and curves.csv, without recomputing."""
     out = Path(out)
     rows, curves = _read_csv(out / "results.csv"), _read_csv(out / "curves.csv")
-    made_with = _made_with(out).split(" (report rebuilt with")[0].rstrip(".")
-    return write_report(out, rows, curves, _read_config(out), f"{made_with} (report rebuilt with `{command}`).")
+    return write_report(out, rows, curves, _read_config(out), f"{_made_with(out)} (report rebuilt with `{command}`).")
 
 
 def merge_reports(sources, out, command: str) -> Path:
@@ -164,7 +165,7 @@ def merge_reports(sources, out, command: str) -> Path:
     report.write_csv(curves, out / "curves.csv")
     config = _read_config(sources[0])
     write_json_atomic(out / "config.json", config_dict(config))
-    parts = "; ".join(f"{s.name}: {_made_with(s).split(' (report rebuilt with')[0].rstrip('.')}" for s in sources)
+    parts = "; ".join(f"{s.name}: {_made_with(s)}" for s in sources)
     return write_report(out, rows, curves, config, f"Merged with `{command}` from {parts}.")
 
 

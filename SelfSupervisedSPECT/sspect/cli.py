@@ -161,7 +161,10 @@ def command_benchmark(args) -> int:
 def command_dataset(args) -> int:
     from .eval.benchmark import run_dataset
 
-    manifest = run_dataset(args.n, args.out, args.first_seed, args.seconds, args.workers, args.scheduler)
+    from .eval.harness import grid_config
+
+    levels = [float(s) for s in args.seconds.split(",")]
+    manifest = run_dataset(args.n, args.out, args.first_seed, levels, args.workers, args.scheduler, config=grid_config(args.grid))
     print(f"Dataset written: {manifest}")
     return 0
 
@@ -174,6 +177,41 @@ def command_pretrain(args) -> int:
     metadata = pretrain_dl_bpf(args.phantoms, args.seconds, args.out, args.steps, args.warm_start_steps, args.features,
                                args.seed, grid_config(args.grid), command)
     print(f"Network written: {args.out} (voxel {metadata['voxel_mm']} mm, sha256 {metadata['sha256'][:12]}...)")
+    return 0
+
+
+def command_train(args) -> int:
+    import os
+
+    from .methods import Events
+    from .training import TrainSettings, train
+
+    command = "sspect " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["train"] else "sspect train"
+    settings = TrainSettings(kind=args.kind, steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                             seed=args.seed, features=args.features, iterations=args.iterations, ct_input=not args.no_ct,
+                             start_iterations=args.start_iterations, start_subsets=args.start_subsets,
+                             validation_cases=args.validation_cases, validation_interval=args.validation_interval,
+                             checkpoint_interval=args.checkpoint_interval, device=args.device)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only process 0 talks
+        train(args.data, args.out, settings, None, args.resume, command)
+        return 0
+    from tqdm import tqdm
+
+    bar = tqdm(total=settings.steps, unit="step", file=sys.stderr)
+
+    def on_event(event):
+        if event.get("event") == "progress" and event.get("stage") == "train":
+            bar.n = event["step"]
+            bar.set_postfix_str(f"loss {event['loss']:.4g}")
+            bar.refresh()
+        elif event.get("event") == "log":
+            bar.write(event["message"])
+
+    try:
+        path = train(args.data, args.out, settings, Events(on_event), args.resume, command)
+    finally:
+        bar.close()
+    print(f"Network written: {path} (description in {path.with_suffix('.json')})")
     return 0
 
 
@@ -242,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     dataset = sub.add_parser("dataset", help="write N torso cases (truth, labels, DICOM study, OSEM image) with a manifest")
     dataset.add_argument("--n", type=int, required=True)
     dataset.add_argument("--first-seed", type=int, default=0)
-    dataset.add_argument("--seconds", type=float, default=20.0, help="seconds per view (60 views)")
+    dataset.add_argument("--seconds", default="20", help="seconds per view; several (comma-separated) are used in turn over the cases")
+    dataset.add_argument("--grid", default="standard", choices=("standard", "coarse"), help="as for `sspect benchmark`")
     dataset.add_argument("--out", required=True)
     _add_distribution_options(dataset)
     dataset.set_defaults(func=command_dataset)
@@ -257,6 +296,26 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--seed", type=int, default=0)
     pre.add_argument("--out", required=True, help="the .safetensors file to write")
     pre.set_defaults(func=command_pretrain)
+
+    tr = sub.add_parser("train", help="train a supervised network (post-unet, unrolled-mapem) on a `sspect dataset` folder")
+    tr.add_argument("--data", required=True, help="the dataset folder (or its manifest.json)")
+    tr.add_argument("--kind", default="post-unet", choices=("post-unet", "unrolled-mapem"))
+    tr.add_argument("--steps", type=int, default=1000)
+    tr.add_argument("--batch-size", type=int, default=2, help="cases per step (over all processes under torchrun)")
+    tr.add_argument("--learning-rate", type=float, default=1e-3)
+    tr.add_argument("--features", type=int, default=16, help="channels of the network's first level")
+    tr.add_argument("--iterations", type=int, default=3, help="unrolled MAP-EM iterations")
+    tr.add_argument("--no-ct", action="store_true", help="do not give the network the CT as a second channel")
+    tr.add_argument("--start-iterations", type=int, default=4, help="OSEM iterations of the start image")
+    tr.add_argument("--start-subsets", type=int, default=6, help="OSEM subsets of the start image")
+    tr.add_argument("--validation-cases", type=int, default=2, help="the dataset's last cases, held out")
+    tr.add_argument("--validation-interval", type=int, default=50)
+    tr.add_argument("--checkpoint-interval", type=int, default=50)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: one GPU per process)")
+    tr.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
+    tr.add_argument("--out", required=True, help="folder for model.safetensors, model.json and checkpoint.safetensors")
+    tr.set_defaults(func=command_train)
 
     demo = sub.add_parser("demo", help="simulate a small 177Lu SPECT/CT, reconstruct it and write a report")
     demo.add_argument("--out", default="demo-output")

@@ -106,6 +106,15 @@ def load_study(nm_paths, ct_source=None, settings: Settings | None = None) -> St
     return Study(beds, ct, windows, collimator, sorted(set(warnings)))
 
 
+def bed_problem(study: Study, bed: int = 0, device: str = "auto"):
+    """The reconstruction problem of one bed: its counts, the CT's attenuation map on its grid and the system model."""
+    from .io.ct import attenuation_map
+
+    projections = study.beds[bed]
+    mu = attenuation_map(study.ct, projections, LU177_PHOTOPEAK_KEV) if study.ct else None
+    return build_problem(projections, study.windows, mu, study.collimator, device)
+
+
 def bq_per_ml_factor(calibration_cps_per_MBq: float, frame_duration_s: float, voxel_ml: float) -> float:
     """Counts per voxel (PyTomography's scale: counts in one view) -> Bq/mL."""
     return 1e6 / (calibration_cps_per_MBq * frame_duration_s * voxel_ml)

@@ -57,14 +57,10 @@ def problem(study):
     import contextlib
     import io
 
-    from sspect.io.ct import attenuation_map
-    from sspect.physics.presets import LU177_PHOTOPEAK_KEV
-    from sspect.physics.system import build_problem
+    from sspect.pipeline import bed_problem
 
-    bed = study.beds[0]
     with contextlib.redirect_stdout(io.StringIO()):
-        mu = attenuation_map(study.ct, bed, LU177_PHOTOPEAK_KEV)
-    return build_problem(bed, study.windows, mu, study.collimator, "cpu")
+        return bed_problem(study, device="cpu")
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from sspect.errors import SSPECTError
 from sspect.eval.metrics import nrmse
 from sspect.methods import Cancelled, Events, all_methods, get_method
 from sspect.methods.dl_bpf import backprojection_image, load_network, pretrain
-from sspect.pipeline import Settings, load_study
+from sspect.pipeline import Settings, bed_problem, load_study
 from sspect.physics.system import build_problem
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -33,16 +33,12 @@ TINY = {"features": 4, "warm_start_steps": 10, "iterations": 6, "validation_inte
 
 
 def _simulated_problem(folder, seed: int, frame_duration_s: float, shape=(32, 32, 32), voxel_mm=12.0):
-    from sspect.io.ct import attenuation_map
-    from sspect.physics.presets import LU177_PHOTOPEAK_KEV
     from sspect.sim.dicom_writer import write_demo_study
 
     with contextlib.redirect_stdout(io.StringIO()):
         written = write_demo_study(folder, seed=seed, n_views=24, shape=shape, voxel_mm=voxel_mm,
                                    frame_duration_s=frame_duration_s)
-        study = load_study(written["nm"], written["ct"], Settings(device="cpu"))
-        mu = attenuation_map(study.ct, study.beds[0], LU177_PHOTOPEAK_KEV)
-    return build_problem(study.beds[0], study.windows, mu, study.collimator, "cpu")
+        return bed_problem(load_study(written["nm"], written["ct"], Settings(device="cpu")), device="cpu")
 
 
 @pytest.fixture(scope="module")

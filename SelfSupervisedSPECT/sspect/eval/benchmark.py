@@ -186,10 +186,13 @@ def _region_means(phantom) -> dict:
     return {name: float(phantom.activity[mask].mean()) for name, mask in region_masks(phantom).items()}
 
 
-def run_dataset(n: int, out, first_seed: int = 0, seconds_per_view: float = CLINICAL_SECONDS_PER_VIEW,
+def run_dataset(n: int, out, first_seed: int = 0, seconds_per_view=CLINICAL_SECONDS_PER_VIEW,
                 workers: int = 2, scheduler: str | None = None, osem: str = "iterations=4:subsets=6",
                 config: HarnessConfig | None = None) -> Path:
-    """N torso cases (truth, labels, CT, simulated NM DICOM, OSEM image) and a manifest for training."""
+    """N torso cases (truth, labels, CT, simulated NM DICOM, OSEM image) and a manifest for training.
+
+    ``seconds_per_view``: one count level, or several used in turn over the cases (seed k gets
+    level k mod L), so that a network trained on the dataset sees every count level."""
     from ..io.export import write_nrrd
     from ..volume import Volume
 
@@ -197,8 +200,10 @@ def run_dataset(n: int, out, first_seed: int = 0, seconds_per_view: float = CLIN
     out.mkdir(parents=True, exist_ok=True)
     config = config or HarnessConfig()
     methods = parse_methods(f"osem:{osem}" if osem else "osem")
-    cases = build_cases([PhantomSpec("torso", seed=s) for s in range(first_seed, first_seed + n)], [seconds_per_view],
-                        methods, 1, keep_images_at=seconds_per_view)
+    levels = list(seconds_per_view) if isinstance(seconds_per_view, (list, tuple)) else [seconds_per_view]
+    cases = [case for k, seed in enumerate(range(first_seed, first_seed + n))
+             for case in build_cases([PhantomSpec("torso", seed=seed)], [levels[k % len(levels)]], methods, 1,
+                                     keep_images_at=levels[k % len(levels)])]
     bar, on_done = _progress(len(cases))
     try:
         results = run_cases(cases, config, out / "studies", workers, scheduler, on_done)
@@ -215,7 +220,7 @@ def run_dataset(n: int, out, first_seed: int = 0, seconds_per_view: float = CLIN
         (label, image), = result.images.items()
         write_nrrd(Volume(image, truth.spacing, truth.origin, unit="MBq/mL"), files["osem"])
         entries.append({"case": result.case.name, "phantom_seed": result.case.phantom.seed,
-                        "seconds_per_view": seconds_per_view, "noise_seed": result.case.realisation,
+                        "seconds_per_view": result.case.seconds_per_view, "noise_seed": result.case.realisation,
                         "reconstruction": label, "label_names": truth.label_names,
                         "files": {k: str(v.relative_to(out)) for k, v in files.items()},
                         "sha256": {k: _sha256(v) for k, v in files.items() if v.is_file()},

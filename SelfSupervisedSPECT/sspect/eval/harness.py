@@ -165,10 +165,7 @@ def training_problems(specs, config: HarnessConfig, seconds_per_view, work_dir, 
     """Reconstruction problems of simulated scans (for pretraining networks; no truth is returned).
 
     ``seconds_per_view``: one count level for all, or one per phantom."""
-    from ..io.ct import attenuation_map
-    from ..physics.presets import LU177_PHOTOPEAK_KEV
-    from ..physics.system import build_problem
-    from ..pipeline import Settings, load_study
+    from ..pipeline import Settings, bed_problem, load_study
 
     levels = list(seconds_per_view) if isinstance(seconds_per_view, (list, tuple)) else [seconds_per_view] * len(specs)
     if len(levels) != len(specs):
@@ -178,10 +175,7 @@ def training_problems(specs, config: HarnessConfig, seconds_per_view, work_dir, 
         case = Case(spec, seconds, realisation, ())
         nm, ct_files, _ = write_case_study(simulate_expected(spec, config), case, config, Path(work_dir) / case.name)
         with contextlib.redirect_stdout(io.StringIO()):
-            study = load_study(nm, ct_files, Settings(device="cpu"))
-            bed = study.beds[0]
-            mu = attenuation_map(study.ct, bed, LU177_PHOTOPEAK_KEV)
-        problems.append(build_problem(bed, study.windows, mu, study.collimator, "cpu"))
+            problems.append(bed_problem(load_study(nm, ct_files, Settings(device="cpu")), device="cpu"))
     return problems
 
 

@@ -158,3 +158,4 @@ def _load_builtin_methods() -> None:
     from . import dip_admm  # noqa: F401  (dip-admm: the ADMM form on PyTomography's DIPRecon)
     from . import splitting  # noqa: F401  (n2n, noise2inverse; torch and MONAI imported when they run)
     from . import dl_bpf  # noqa: F401  (dl-bpf; imports torch, MONAI and safetensors only when it runs)
+    from . import supervised  # noqa: F401  (post-unet, unrolled-mapem: trained networks shipped with the engine)

@@ -73,20 +73,20 @@ and the same defaults; the per-step cost is one forward and one back projection,
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
 
 from ..errors import SSPECTError
 from . import Events, Method, Param, Result, register
+from .network_files import VOXEL_TOLERANCE, read_network_file, voxel_size_differs, weights_sha256
+from .network_files import voxel_mm as _voxel_mm
 from .self_supervised import STRIDES, _network, _network_features, _padding, _reproducible, _short_osem, fit_likelihood, \
     fit_to_image, poisson_nll, split_problem_counts
 
 FORMAT = "sspect-dl-bpf/1"
 ISOTOPE = "177Lu"
 MU_WATER_PER_CM = 0.136  # narrow-beam attenuation of water at 208 keV: the CT channel's fixed scale
-VOXEL_TOLERANCE = 0.10  # a pretrained network is refused on voxels more than 10 % larger or smaller
 PRETRAIN_LEARNING_RATE = 0.003
 
 PARAMS = (
@@ -176,20 +176,6 @@ def resolve_weights(value: str) -> Path:
 
 
 
-def _voxel_mm(problem) -> list[float]:
-    return [round(10.0 * float(d), 6) for d in problem.object_meta.dr]
-
-
-def _weights_sha256(state: dict) -> str:
-    """sha256 over the tensors' names, shapes, dtypes and bytes, in name order."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous()
-        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
-        digest.update(tensor.numpy().tobytes())
-    return digest.hexdigest()
-
-
 def save_network(network, path, *, features: int, in_channels: int, voxel_mm, collimator: str = "",
                  training: dict | None = None) -> dict:
     """Write the network's weights and its description (header metadata) to a .safetensors file; returns the metadata."""
@@ -208,7 +194,7 @@ def save_network(network, path, *, features: int, in_channels: int, voxel_mm, co
         "input": "x_BP / mean(x_BP)" + (", mu / 0.136 per cm" if in_channels == 2 else "")
                  + "; image = mean(x_BP) * softplus(output)",
         "training": json.dumps(training or {}), "torch": torch.__version__, "monai": monai.__version__,
-        "sha256": _weights_sha256(state),
+        "sha256": weights_sha256(state),
     }
     with atomic_path(path) as partial:
         save_file(state, str(partial), metadata=metadata)
@@ -217,21 +203,10 @@ def save_network(network, path, *, features: int, in_channels: int, voxel_mm, co
 
 def load_network(path, *, features: int, in_channels: int, voxel_mm):
     """(network, metadata) from a file :func:`save_network` wrote, refused in one sentence if it does not fit."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
-    if not path.is_file():
-        raise SSPECTError(f"The pretrained network {path} does not exist; give the .safetensors file that dl_bpf.pretrain wrote.")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            state = {name: handle.get_tensor(name) for name in handle.keys()}
-    except (SafetensorError, OSError, ValueError) as error:
-        raise SSPECTError(f"The file {path} is not a readable safetensors file ({error}); give a network written by dl_bpf.pretrain.") from None
-    if metadata.get("format") != FORMAT:
-        raise SSPECTError(f"The file {path} is not a DL-BPF network (format '{metadata.get('format')}', expected {FORMAT}); give a network written by dl_bpf.pretrain.")
-    if metadata.get("sha256") != _weights_sha256(state):
-        raise SSPECTError(f"The weights in {path} do not match their recorded sha256; the file is damaged, copy or pretrain it again.")
+    state, metadata = read_network_file(path, "sspect pretrain")
+    if metadata.get("format") != FORMAT or "sha256" not in metadata:
+        raise SSPECTError(f"The file {path} is not a DL-BPF network (format '{metadata.get('format')}', expected {FORMAT}); give a network written by sspect pretrain.")
     if metadata.get("isotope") != ISOTOPE:
         raise SSPECTError(f"The network {path} was pretrained for {metadata.get('isotope')}, not {ISOTOPE}; pretrain one on {ISOTOPE} scans.")
     stored = (int(metadata.get("features", -1)), int(metadata.get("in_channels", -1)))
@@ -241,7 +216,7 @@ def load_network(path, *, features: int, in_channels: int, voxel_mm):
             f"{features} and {in_channels} (the second channel is the CT); set features = {stored[0]} and "
             f"ct_input = {'true' if stored[1] == 2 else 'false'}, with a CT when it needs one, or pretrain a matching network.")
     trained_mm = json.loads(metadata["voxel_mm"])
-    if any(abs(v - t) > VOXEL_TOLERANCE * t for v, t in zip(voxel_mm, trained_mm)):
+    if voxel_size_differs(voxel_mm, trained_mm):
         raise SSPECTError(f"The network {path} was pretrained on {trained_mm} mm voxels but this scan has {list(voxel_mm)} mm "
                           f"(more than {VOXEL_TOLERANCE:.0%} apart); pretrain a network at this voxel size or train per scan.")
     network = _network(features, 1.0, in_channels)
@@ -282,7 +257,7 @@ def pretrain(problems, out_path, steps: int, seed: int = 0, features: int = 16, 
         raise SSPECTError(f"Pretraining needs at least one likelihood step and no negative warm start, not {steps} and {warm_start_steps}.")
     voxel_mm = _voxel_mm(problems[0])
     for problem in problems[1:]:
-        if any(abs(v - t) > VOXEL_TOLERANCE * t for v, t in zip(_voxel_mm(problem), voxel_mm)):
+        if voxel_size_differs(_voxel_mm(problem), voxel_mm):
             raise SSPECTError(f"The scans have different voxel sizes ({voxel_mm} and {_voxel_mm(problem)} mm); pretrain one network per voxel size.")
     with_ct = [_uses_ct(problem, ct_input) for problem in problems]
     if len(set(with_ct)) > 1:

@@ -118,3 +118,30 @@ def project(image: torch.Tensor, system_matrix, adjoint: str = "exact") -> torch
     flat = image.reshape(-1, *image.shape[-3:])
     projected = torch.stack([SPECTProjection.apply(one, system_matrix, adjoint) for one in flat.unbind(0)])
     return projected.reshape(*lead, *projected.shape[1:])
+
+
+class SPECTBackProjection(torch.autograd.Function):
+    """``x = A^T g`` with ``dL/dg = A dL/dx``: the exact back projection's transpose is the forward projection.
+
+    Unrolled EM networks need it: their EM step back-projects ``y / (A x + s)``, which depends on
+    the image being learned. Call through :func:`back_project_differentiable`.
+    """
+
+    @staticmethod
+    def forward(ctx, projections, system_matrix):
+        ctx.system_matrix = system_matrix
+        return back_project(projections.detach(), system_matrix)
+
+    @staticmethod
+    def backward(ctx, grad_image):
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        with torch.no_grad():
+            return ctx.system_matrix.forward(grad_image.detach()), None
+
+
+def back_project_differentiable(projections: torch.Tensor, system_matrix) -> torch.Tensor:
+    """``A^T g`` for one set of projections [Ltheta, Lr, Lz], differentiable in ``g`` (exact adjoint only)."""
+    if not _is_rotate_and_sum(system_matrix):
+        raise ValueError("The differentiable back projection needs PyTomography's rotate + sum SPECTSystemMatrix.")
+    return SPECTBackProjection.apply(projections, system_matrix)

@@ -45,6 +45,8 @@ class Problem:
     proj_meta: object
     attenuation_map: "torch.Tensor | None"  # 1/cm on the object grid, also the anatomy for priors
     device: object
+    collimator_code: str = ""  # PyTomography / SIMIND code, e.g. GI-MEGP: what a trained network must match
+    peak_window_keV: tuple = ()  # (lower, upper) of the photopeak window
 
     def likelihood(self):
         from pytomography.likelihoods import PoissonLogLikelihood
@@ -100,4 +102,5 @@ def build_problem(study: ProjectionStudy, windows: WindowChoice, mu_map: np.ndar
         projections=torch.from_numpy(np.ascontiguousarray(peak)).to(torch_device),
         scatter=None if scatter is None else torch.from_numpy(scatter).to(torch_device),
         system_matrix=system_matrix, object_meta=object_meta, proj_meta=proj_meta,
-        attenuation_map=mu_tensor, device=torch_device)
+        attenuation_map=mu_tensor, device=torch_device, collimator_code=preset.code,
+        peak_window_keV=(float(windows.peak.lower_keV), float(windows.peak.upper_keV)))

@@ -1,0 +1,295 @@
+"""Supervised reconstruction: networks trained on simulated (data -> truth) pairs, shipped as verified weights.
+
+Two methods, both starting from the same short OSEM image ``x0`` of the scan (PyTomography):
+
+* ``post-unet``: a MONAI 3D U-Net maps ``x0`` (and the attenuation map, a second channel) to the
+  activity: ``x = m softplus(softplus^-1(x0 / m) + f_theta(x0 / m, mu / mu_water))``. The
+  network's last layer starts at zero, so an untrained network returns ``x0``: it learns a
+  correction of OSEM, not an image from nothing.
+* ``unrolled-mapem``: K unrolled MAP-EM iterations (Mehranian & Reader, FBSEM-Net, IEEE TRPMS
+  2021; Li, Dewaraja & Fessler, IEEE TRPMS 2023, trained end to end for 177Lu). Each iteration
+  takes a small CNN step ``u = m softplus(softplus^-1(x / m) + g_theta(x / m, mu))`` (one CNN
+  shared by all iterations, as in FBSEM-Net) and fuses it with an EM step in closed form: the
+  minimiser of EM's surrogate ``S x - c log x`` plus ``beta_k / 2 (x - u)^2`` with ``S = A^T 1``
+  and ``c = x A^T(y / (A x + s))`` is ``x+ = (-(S - beta_k u) + sqrt((S - beta_k u)^2 + 4 beta_k c)) / (2 beta_k)``.
+  ``beta_k`` is learned per iteration, in units of ``mean(S) / m`` so that the whole map is
+  equivariant to the count level. Trained end to end: the gradient passes the EM steps through
+  :mod:`.projector` (exact forward and back projection layers), not through PyTomography.
+
+``m`` is the mean of ``x0`` over the grid: the networks see images of order one whatever the
+count level or scan time, and an image ``k`` times brighter gives an output ``k`` times brighter
+(up to noise). Training (:mod:`sspect.training`, ``sspect train``) minimises the NRMSE^2 of the
+output against the truth in the same count units.
+
+A weights file is safetensors with a header describing it: kind, architecture, isotope, energy
+window, collimator, voxel size, matrix, the start OSEM, the training data's manifest and its
+sha256, the code version, the validation metrics and the sha256 of the tensors (a JSON copy of
+the header is written beside it for people). Loading refuses, in one sentence, a damaged file,
+another kind of network, and a study whose isotope (photopeak window without 208 keV),
+collimator or voxel size (more than 10 %) differs from the training data's: a convolutional
+network learns the blur and noise texture of one collimator at one voxel size, and a 113 keV or
+Tc-99m study would be another problem altogether. A different matrix is accepted (the networks
+are convolutional) and recorded in the result's info.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from ..errors import SSPECTError
+from ..physics.presets import LU177_PHOTOPEAK_KEV
+from . import Events, Method, Param, Result, register
+from .network_files import VOXEL_TOLERANCE, read_network_file, voxel_mm, voxel_size_differs, weights_sha256
+
+FORMAT = "sspect-supervised/1"
+KINDS = ("post-unet", "unrolled-mapem")
+ISOTOPE = "177Lu"
+MU_WATER_PER_CM = 0.136  # the attenuation channel's fixed scale (water at 208 keV), as for dl-bpf
+WEIGHTS_FOLDER = Path(__file__).resolve().parents[1] / "weights"
+SHIPPED = {"post-unet": WEIGHTS_FOLDER / "post_unet_lu177_megp_8.8mm.safetensors",
+           "unrolled-mapem": WEIGHTS_FOLDER / "unrolled_mapem_lu177_megp_8.8mm.safetensors"}
+PADDING_MULTIPLE = 8  # both networks halve the grid at most three times
+
+
+# ---------------------------------------------------------------- what the networks see of a scan
+
+
+class Scan:
+    """One bed as the networks see it: counts, scatter, the start image ``x0``, its scale ``m``, the CT channel."""
+
+    def __init__(self, problem, start_iterations: int, start_subsets: int, use_ct: bool):
+        import torch
+
+        from pytomography.algorithms import OSEM
+        from pytomography.likelihoods import PoissonLogLikelihood
+
+        from .classical import _check_subsets
+
+        _check_subsets(problem, {"subsets": start_subsets})
+        self.problem = problem
+        self.system_matrix = problem.system_matrix
+        self.counts = problem.projections.to(problem.device).float()
+        self.scatter = (problem.scatter.to(problem.device).float() if problem.scatter is not None
+                        else torch.zeros_like(self.counts))
+        likelihood = PoissonLogLikelihood(problem.system_matrix, self.counts, self.scatter)
+        self.start = OSEM(likelihood)(start_iterations, start_subsets).detach().float()
+        self.scale = max(float(self.start.mean()), 1e-12)
+        self.ct = (problem.attenuation_map.to(self.start.device, torch.float32) / MU_WATER_PER_CM) if use_ct else None
+        shape = tuple(self.start.shape)
+        self.padding = []
+        for size in reversed(shape):
+            extra = -size % PADDING_MULTIPLE
+            self.padding += [extra // 2, extra - extra // 2]
+        self.crop = tuple(slice(self.padding[2 * i], self.padding[2 * i] + n) for i, n in enumerate(reversed(shape)))[::-1]
+        self._sensitivity = None
+
+    @property
+    def sensitivity(self):
+        """``A^T 1`` (exact back projection), computed once when an unrolled network first needs it."""
+        import torch
+
+        from .projector import back_project
+
+        if self._sensitivity is None:
+            self._sensitivity = back_project(torch.ones_like(self.counts), self.system_matrix).float()
+        return self._sensitivity
+
+    def network_input(self, image):
+        """[1, C, padded grid]: ``image / m`` and, with a CT, ``mu / mu_water``."""
+        import torch
+        import torch.nn.functional as F
+
+        channels = [image / self.scale] + ([self.ct] if self.ct is not None else [])
+        return F.pad(torch.stack(channels)[None], self.padding, mode="replicate")
+
+    def corrected(self, network, image):
+        """``m softplus(softplus^-1(image / m) + network(...))``: ``image`` itself while the network outputs zero."""
+        import torch
+        import torch.nn.functional as F
+
+        z = (image / self.scale).clamp_min(1e-4)
+        inverse = z + torch.log(-torch.expm1(-z))  # softplus^-1(z), stable for large z
+        return self.scale * F.softplus(inverse + network(self.network_input(image))[0, 0][self.crop])
+
+
+def _unet(features: int, in_channels: int, levels: int):
+    """A MONAI U-Net (strided convolutions, instance norm, PReLU) whose output starts at zero."""
+    import torch
+    from monai.networks.nets import UNet
+
+    network = UNet(spatial_dims=3, in_channels=in_channels, out_channels=1,
+                   channels=tuple(features * 2 ** k for k in range(levels)), strides=(2,) * (levels - 1),
+                   num_res_units=0, norm="instance")
+    with torch.no_grad():
+        network.model[-1].conv.weight.zero_()
+        network.model[-1].conv.bias.zero_()
+    return network
+
+
+def build_model(kind: str, features: int, in_channels: int, iterations: int = 3):
+    """The network of ``kind``, a ``torch.nn.Module`` called as ``model(scan, events)`` -> image in counts per voxel."""
+    import torch
+
+    class PostReconstructionUNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unet = _unet(features, in_channels, 4)
+
+        def forward(self, scan: Scan, events: Events | None = None):
+            return scan.corrected(self.unet, scan.start)
+
+    class UnrolledMAPEM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cnn = _unet(features, in_channels, 3)
+            self.log_beta = torch.nn.Parameter(torch.full((iterations,), math.log(0.1)))
+
+        def forward(self, scan: Scan, events: Events | None = None):
+            from .projector import back_project_differentiable, project
+
+            sensitivity = scan.sensitivity
+            seen = sensitivity > 1e-6 * float(sensitivity.max())
+            beta_unit = float(sensitivity[seen].mean()) / scan.scale
+            x = scan.start
+            for k in range(iterations):
+                u = scan.corrected(self.cnn, x)
+                expected = project(x, scan.system_matrix) + scan.scatter
+                ratio = torch.where(expected > 0, scan.counts / expected.clamp_min(1e-12), torch.zeros_like(expected))
+                c = x * back_project_differentiable(ratio, scan.system_matrix)
+                beta = torch.exp(self.log_beta[k]) * beta_unit
+                b = sensitivity - beta * u
+                root = torch.sqrt((b * b + 4 * beta * c).clamp_min(1e-20))
+                # the two algebraically equal roots, each free of cancellation on its side of b = 0
+                fused = torch.where(b > 0, 2 * c / (b + root).clamp_min(1e-20), (root - b) / (2 * beta))
+                x = torch.where(seen, fused, torch.zeros_like(fused))
+                if events is not None:
+                    events.progress(0.5 + 0.5 * (k + 1) / iterations, f"unrolled MAP-EM iteration {k + 1}/{iterations}",
+                                    stage="network", step=k + 1)
+            return x
+
+    if kind == "post-unet":
+        return PostReconstructionUNet()
+    if kind == "unrolled-mapem":
+        return UnrolledMAPEM()
+    raise SSPECTError(f"Unknown supervised network '{kind}'; choose {' or '.join(KINDS)}.")
+
+
+# ---------------------------------------------------------------- weights on disk
+
+
+def save_model(model, path, *, kind: str, architecture: dict, start_osem: tuple, problem, matrices: list,
+               training: dict, validation: dict, code_version: str) -> dict:
+    """Write the weights and their description (safetensors header + a JSON copy beside it); returns the description."""
+    import monai
+    import torch
+    from safetensors.torch import save_file
+
+    from ..atomic import atomic_path, write_json_atomic
+
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    description = {
+        "format": FORMAT, "kind": kind, "architecture": architecture, "isotope": ISOTOPE,
+        "photopeak_keV": LU177_PHOTOPEAK_KEV, "energy_window_keV": list(problem.peak_window_keV),
+        "collimator": problem.collimator_code, "voxel_mm": voxel_mm(problem), "matrices": matrices,
+        "start_osem": {"iterations": start_osem[0], "subsets": start_osem[1]},
+        "input": "x0 / mean(x0)" + (", mu / 0.136 per cm" if architecture["in_channels"] == 2 else ""),
+        "training": training, "validation": validation, "code_version": code_version,
+        "torch": torch.__version__, "monai": monai.__version__, "sha256": weights_sha256(state),
+    }
+    header = {key: value if isinstance(value, str) else json.dumps(value) for key, value in description.items()}
+    path = Path(path)
+    with atomic_path(path) as partial:
+        save_file(state, str(partial), metadata=header)
+    write_json_atomic(path.with_suffix(".json"), description)
+    return description
+
+
+def _description(metadata: dict) -> dict:
+    """The header's text values back to JSON values."""
+    decoded = {}
+    for key, value in metadata.items():
+        try:
+            decoded[key] = json.loads(value)
+        except ValueError:
+            decoded[key] = value
+    return decoded
+
+
+def load_model(path, kind: str, problem):
+    """(model, description) from a file :func:`save_model` wrote, refused in one sentence if it does not fit the study."""
+    path = Path(path)
+    state, metadata = read_network_file(path, "sspect train")
+    if metadata.get("format") != FORMAT or "sha256" not in metadata:
+        raise SSPECTError(f"The file {path} is not a supervised network (format '{metadata.get('format')}', expected {FORMAT}); "
+                          "give a network written by sspect train.")
+    description = _description(metadata)
+    if description["kind"] != kind:
+        raise SSPECTError(f"The network {path} is a {description['kind']} network, not {kind}; use it with the method "
+                          f"{description['kind']} or give a {kind} network.")
+    window = tuple(problem.peak_window_keV)
+    if description["isotope"] != ISOTOPE or (window and not window[0] <= LU177_PHOTOPEAK_KEV <= window[1]):
+        raise SSPECTError(f"The network {path} was trained on {description['isotope']} ({LU177_PHOTOPEAK_KEV:g} keV) but this "
+                          f"study's photopeak window is {window[0]:g}-{window[1]:g} keV; choose the 208 keV window of a 177Lu study.")
+    if problem.collimator_code and description["collimator"] and problem.collimator_code != description["collimator"]:
+        raise SSPECTError(f"The network {path} was trained for the {description['collimator']} collimator but this study was "
+                          f"acquired with {problem.collimator_code}; use a network trained for that collimator or a method without training.")
+    scan_mm = voxel_mm(problem)
+    if voxel_size_differs(scan_mm, description["voxel_mm"]):
+        hint = ""
+        ratio = description["voxel_mm"][0] / scan_mm[0]
+        if round(ratio) in (2, 4) and abs(ratio - round(ratio)) < VOXEL_TOLERANCE:
+            hint = f" (detector binning {round(ratio)} gives it: --binning {round(ratio)}, or Grid {round(ratio)}x{round(ratio)} in Slicer)"
+        raise SSPECTError(f"The network {path} was trained on {description['voxel_mm']} mm voxels but this study has {scan_mm} mm "
+                          f"(more than {VOXEL_TOLERANCE:.0%} apart); reconstruct at the trained voxel size{hint} or train a network at this one.")
+    architecture = description["architecture"]
+    if architecture["in_channels"] == 2 and problem.attenuation_map is None:
+        raise SSPECTError(f"The network {path} needs the CT as its second input; give the study's CT.")
+    model = build_model(kind, architecture["features"], architecture["in_channels"], architecture.get("iterations", 3))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError:
+        raise SSPECTError(f"The weights in {path} do not fit the network its header describes; train it again.") from None
+    return model.to(problem.device).eval(), description
+
+
+def resolve_weights(kind: str, value: str) -> Path:
+    """'shipped' -> the network that comes with the engine; anything else is a path."""
+    return SHIPPED[kind] if value.strip().lower() == "shipped" else Path(value).expanduser()
+
+
+# ---------------------------------------------------------------- the methods
+
+
+def _runner(kind: str):
+    def run(problem, params, events: Events) -> Result:
+        import torch
+
+        path = resolve_weights(kind, params["weights"])
+        model, description = load_model(path, kind, problem)
+        start = description["start_osem"]
+        events.progress(0.0, f"start image: OSEM {start['iterations']} x {start['subsets']}", stage="start")
+        scan = Scan(problem, start["iterations"], start["subsets"], description["architecture"]["in_channels"] == 2)
+        events.progress(0.5, "network", stage="network")
+        with torch.no_grad():
+            image = model(scan, events)
+        if events.wants_iterates:
+            events.iterate(1, image.cpu().numpy().copy())
+        events.progress(1.0, "done", stage="done")
+        matrix = list(problem.object_meta.shape)
+        return Result(image.cpu().numpy(), {
+            "weights": str(path), "weights_sha256": description["sha256"], "kind": kind,
+            "trained_on": description["training"].get("data", {}), "validation": description["validation"],
+            "start_osem": start, "matrix": matrix, "matrix_seen_in_training": matrix in description["matrices"],
+        })
+
+    return run
+
+
+WEIGHTS_HELP = ("The trained network: 'shipped' for the one that comes with the engine (177Lu, GE MEGP, 8.8 mm voxels: "
+                "2x2-binned 4.4 mm detectors), or a .safetensors file written by `sspect train`")
+
+register(Method("post-unet", "Post-reconstruction U-Net (supervised, on OSEM + CT)", "supervised",
+                (Param("weights", str, "shipped", WEIGHTS_HELP),), _runner("post-unet")))
+register(Method("unrolled-mapem", "Unrolled MAP-EM (supervised, EM steps fused with a CNN)", "supervised",
+                (Param("weights", str, "shipped", WEIGHTS_HELP),), _runner("unrolled-mapem")))

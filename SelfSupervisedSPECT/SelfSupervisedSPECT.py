@@ -78,6 +78,11 @@ measures every segment of a segmentation in the reconstructed images.</p>
 <p><b>Self-supervised methods</b> (dip, dip-admm, n2n, noise2inverse, dl-bpf) train a network on
 this scan alone and stop by themselves on held-out counts. On a CPU choose <i>Grid: 2x2 binned</i>
 (about 8 times faster); n2n and noise2inverse also load a voxel uncertainty map (<i>... SD</i>).</p>
+<p><b>Supervised methods</b> (post-unet, unrolled-mapem) apply networks trained on simulated
+<sup>177</sup>Lu torso scans that ship with the extension (no download). They were trained for the
+GE MEGP collimator at 8.8 mm voxels: choose <i>Grid: 2x2 binned</i> for 4.4 mm detectors; other
+collimators or voxel sizes are refused. They generalise only as far as their training data: check
+them against OSEM.</p>
 <p>The first Run offers to install PyTorch (with the PyTorch extension when present) and the
 engine's other Python packages.</p>
 <p><b>Python console:</b></p>
@@ -104,6 +109,10 @@ Q. Li. PET image reconstruction using deep image prior. IEEE Transactions on Med
 38(7), 1655-1665 (2019).</p>
 <p>Self-supervised and supervised deep learning for reconstruction: A. J. Reader. Self-supervised
 and supervised deep learning for PET image reconstruction. AIP Conference Proceedings (2024).</p>
+<p>Unrolled MAP-EM: A. Mehranian, A. J. Reader. Model-based deep learning PET image reconstruction
+using forward-backward splitting expectation-maximization. IEEE TRPMS 5(1), 54-64 (2021); Z. Li,
+Y. K. Dewaraja, J. A. Fessler. Training end-to-end unrolled iterative neural networks for SPECT
+image reconstruction. IEEE TRPMS 7(4), 410-420 (2023).</p>
 <p>Noise2Noise by count splitting: Leube et al., Nuklearmedizin (2023); Noise2Inverse:
 A. A. Hendriksen, D. M. Pelt, K. J. Batenburg, IEEE Transactions on Computational Imaging 6,
 1320-1335 (2020).</p>

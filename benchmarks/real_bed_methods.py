@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 STUDY = REPO.parent / "shared" / "data" / "lu177_ge670"
 DEFAULT_METHODS = ("osem:iterations=4:subsets=6,bsrem:iterations=6:subsets=6:beta=0.3,n2n:domain=image,noise2inverse,"
-                   "n2n:domain=projection,dl-bpf:weights=shipped,dip,dip-admm,dl-bpf")
+                   "n2n:domain=projection,dl-bpf:weights=shipped,dip,dip-admm,dl-bpf,post-unet,unrolled-mapem")
 
 
 def run_one(spec: str, binning: int, out: Path) -> dict:

@@ -132,7 +132,7 @@ def command_demo(args) -> int:
     with _progress_bar() as events:
         files = run_demo(Path(args.out), events, quick=args.quick)
     _print_files(files, "Bq/mL")
-    print(f"Demo finished: read {files['report']}")
+    print(f"Demo finished: read {files['report']} (OSEM) and {files['supervised_report']} (supervised post-unet)")
     return 0
 
 

@@ -1,5 +1,6 @@
 """The embedded default job: simulate a small 177Lu SPECT/CT, write it as scanner DICOM, read it
-back like any study, reconstruct it in Bq/mL and report against the known truth."""
+back like any study, reconstruct it in Bq/mL (OSEM, then the shipped supervised network) and
+report each against the known truth."""
 from __future__ import annotations
 
 import contextlib
@@ -46,4 +47,10 @@ def run_demo(out: Path, events: Events | None = None, quick: bool = False, seed:
     phantom = simulated["phantom"]
     if not np.allclose(image.affine, phantom.activity_volume.affine) or image.array.shape != phantom.activity.shape:
         raise RuntimeError("The demo's truth and image grids differ; the simulator and the reader disagree on geometry.")
-    return write_results(image, provenance, study, settings, out, truth=truth_comparison(image, phantom))
+    files = write_results(image, provenance, study, settings, out, truth=truth_comparison(image, phantom))
+    # the same study through the shipped supervised network (trained on other, simulated torso scans)
+    supervised = Settings(method="post-unet", calibration_cps_per_MBq=simulated["sensitivity_cps_per_mbq"], seed=seed,
+                          formats=("nrrd",), name="demo_post_unet")
+    image, provenance = reconstruct_study(study, supervised, events)
+    supervised_files = write_results(image, provenance, study, supervised, out, truth=truth_comparison(image, phantom))
+    return {**files, "supervised_report": supervised_files["report"], "supervised_nrrd": supervised_files["nrrd"]}

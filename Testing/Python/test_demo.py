@@ -26,3 +26,9 @@ def test_demo_writes_image_preview_provenance_and_report(tmp_path, capsys):
     grey = (abs(preview[..., 0] - preview[..., 2]) < 8) & (preview[..., 0] > 60)  # CT underneath
     assert hot.sum() > 200 and grey.sum() > 200
     assert (tmp_path / "study" / "NM" / "projections.dcm").exists()
+    # the same study through the shipped supervised network: its own report against the truth, no download
+    supervised = (tmp_path / "demo_post_unet_report.md").read_text()
+    error = float(re.search(r"total activity \(truth -> image\): .* \(([-+\d.]+)%\)", supervised).group(1))
+    assert abs(error) < 5, supervised
+    provenance = json.loads((tmp_path / "demo_post_unet_provenance.json").read_text())
+    assert provenance["method"] == "post-unet" and provenance["per_bed"][0]["weights_sha256"]

@@ -13,14 +13,14 @@ def test_module_cmake_lists_every_engine_file():
 
 
 def test_module_cmake_and_the_wheel_ship_every_engine_data_file():
-    """Pretrained weights are read at run time: the extension installs them and the wheel includes them."""
+    """Trained weights (and their descriptions) are read at run time: the extension installs them and the wheel includes them."""
     cmake = (REPO / "SelfSupervisedSPECT" / "CMakeLists.txt").read_text()
-    listed = set(re.findall(r"^\s+(sspect/\S+\.safetensors)\s*$", cmake, flags=re.M))
+    listed = set(re.findall(r"^\s+(sspect/\S+\.(?:safetensors|json))\s*$", cmake, flags=re.M))
     present = {str(p.relative_to(REPO / "SelfSupervisedSPECT")) for p in (REPO / "SelfSupervisedSPECT" / "sspect").rglob("*")
                if p.is_file() and p.suffix not in (".py", ".pyc")}
     assert present and listed == present, f"not installed: {sorted(present - listed)}; listed but absent: {sorted(listed - present)}"
     pyproject = (REPO / "pyproject.toml").read_text()
-    assert '"sspect.weights" = ["*.safetensors"]' in pyproject
+    assert '"sspect.weights" = ["*.safetensors", "*.json"]' in pyproject
 
 
 def test_engine_never_imports_slicer_vtk_or_qt():

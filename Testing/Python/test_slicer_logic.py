@@ -269,6 +269,41 @@ def test_uncertainty_map_and_binned_grid_arrive_with_the_image(study, logic):
     logic.show_fused(study["ct_node"], study["result"])
 
 
+def test_shipped_supervised_network_runs_through_the_door_and_refuses_another_voxel_size(study, logic, slicer_scene,
+                                                                                        tmp_path):
+    """post-unet with the network that ships with the extension: refused in one sentence on the 12 mm study,
+    run on an 8.8 mm study (its training voxel size), with the image in Bq/mL and OSEM's total activity."""
+    import contextlib
+    import io
+
+    from sspect.sim.dicom_writer import write_demo_study
+
+    before = _node_ids(slicer_scene)
+    refused = logic.reconstruct(study["projection_node"], study["ct_node"], method="post-unet",
+                                calibration_cps_per_MBq=study["sensitivity_cps_per_mbq"], device="cpu", wait=True)
+    assert refused.state == "failed"
+    _assert_one_sentence(refused.error)
+    assert "8.8392" in refused.error and "12.0" in refused.error
+    assert _node_ids(slicer_scene) == before
+    with contextlib.redirect_stdout(io.StringIO()):
+        written = write_demo_study(tmp_path, seed=2, n_views=24, shape=(32, 32, 32), voxel_mm=8.8392)
+    projections = logic.load_projection_series([str(written["nm"])])
+    ct = logic.load_ct_series([str(p) for p in written["ct_files"]])
+    images = {}
+    for method, params in (("post-unet", {}), ("osem", {"iterations": 4, "subsets": 6})):
+        run = logic.reconstruct(projections, ct, method=method, calibration_cps_per_MBq=written["sensitivity_cps_per_mbq"],
+                                device="cpu", wait=True, **params)
+        assert run.state == "done", (run.state, run.error)
+        images[method] = logic.load_result(run, ct)
+    supervised = images["post-unet"]
+    assert supervised.GetAttribute("SelfSupervisedSPECT.Unit") == "Bq/mL"
+    totals = {m: float(slicer.util.arrayFromVolume(node).sum()) for m, node in images.items()}
+    assert abs(totals["post-unet"] / totals["osem"] - 1) < 0.05, totals
+    for node in (*images.values(), projections, ct):
+        slicer.mrmlScene.RemoveNode(node)
+    logic.show_fused(study["ct_node"], study["result"])
+
+
 def test_fusion_in_every_slice_view(study, red_view):
     composite = red_view.GetSliceCompositeNode()
     assert composite.GetBackgroundVolumeID() == study["ct_node"].GetID()

@@ -259,3 +259,58 @@ def test_training_refuses_bad_requests_in_one_sentence(dataset, runs, tmp_path):
     other = TrainSettings(kind="post-unet", **{**TINY, "learning_rate": 1e-2})
     with pytest.raises(SSPECTError, match="other settings"):
         train(dataset, trained["folder"], other, resume=True)
+    # a truth file changed after the manifest was written: refused, not trained on
+    import shutil
+
+    copied = shutil.copytree(dataset, tmp_path / "copied")
+    case = json.loads((copied / "manifest.json").read_text())["cases"][-1]
+    truth = copied / case["files"]["truth"]
+    truth.write_bytes(truth.read_bytes()[:-4] + b"\0\0\0\1")
+    with pytest.raises(SSPECTError, match=f"{case['case']} changed since the manifest"):
+        train(copied, tmp_path / "changed", TrainSettings(kind="post-unet", **TINY))
+
+
+# ---------------------------------------------------------------- the shipped networks
+
+
+@pytest.fixture(scope="module")
+def unseen_torso(tmp_path_factory):
+    """A torso the shipped networks never saw (seed 7; they were trained on seeds 1000-1031), 40 s/view, on their grid."""
+    from sspect.eval.harness import GRIDS, PhantomSpec, training_problems
+    from sspect.pipeline import bq_per_ml_factor
+
+    config, spec, seconds = GRIDS["coarse"], PhantomSpec("torso", seed=7), 40.0
+    (problem,) = training_problems([spec], config, seconds, tmp_path_factory.mktemp("unseen"))
+    voxel_ml = (config.voxel_mm / 10) ** 3
+    to_mbq_per_ml = bq_per_ml_factor(config.sensitivity_cps_per_MBq, seconds, voxel_ml) / 1e6
+    return {"problem": problem, "truth": spec.build(config).activity, "to_mbq_per_ml": to_mbq_per_ml}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_shipped_network_is_small_described_and_verified(kind):
+    from sspect.methods.supervised import SHIPPED
+
+    path = SHIPPED[kind]
+    assert path.stat().st_size < 5e6
+    description = json.loads(path.with_suffix(".json").read_text())
+    assert description["kind"] == kind and description["isotope"] == "177Lu" and description["collimator"] == "GI-MEGP"
+    assert description["voxel_mm"] == pytest.approx([8.8392] * 3)
+    data = description["training"]["data"]
+    assert len(data["training_cases"]) >= 16 and len(data["validation_cases"]) >= 2
+    assert len(data["manifest_sha256"]) == 64 and "sspect train" in description["training"]["command"]
+    assert min(data["phantom_seeds"]) >= 1000  # none of the harness's torso phantoms (seeds 0-9)
+    validation = description["validation"]
+    assert validation["nrmse_median"] < validation["start_osem_nrmse_median"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_shipped_network_beats_its_osem_start_on_a_torso_it_never_saw(kind, unseen_torso):
+    from sspect.eval.metrics import nrmse
+
+    problem, truth, scale = unseen_torso["problem"], unseen_torso["truth"], unseen_torso["to_mbq_per_ml"]
+    result = get_method(kind).reconstruct(problem, {})
+    start = get_method("osem").reconstruct(problem, {"iterations": 4, "subsets": 6}).image
+    assert result.info["matrix_seen_in_training"] and result.info["start_osem"] == {"iterations": 4, "subsets": 6}
+    network_error, osem_error = nrmse(result.image * scale, truth), nrmse(start * scale, truth)
+    assert network_error < 0.95 * osem_error, (network_error, osem_error)
+    assert abs(result.image.sum() / start.sum() - 1) < 0.05  # the total stays OSEM's within 5 %

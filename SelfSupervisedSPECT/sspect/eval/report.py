@@ -26,9 +26,16 @@ def short_label(method: str) -> str:
         label += " CT-weighted"
     if "domain" in params:
         label += f" {params['domain']}"
-    if params.get("weights"):
+    if params.get("weights") and _family(name) == "self-supervised":  # a supervised network always has weights
         label += " pretrained"
     return label
+
+
+def _family(method: str) -> str:
+    from ..methods import all_methods
+
+    found = all_methods().get(method)
+    return found.family if found else ""
 
 
 def final_background_cov(curves: list[dict]) -> dict:

@@ -5,7 +5,10 @@ Two methods, both starting from the same short OSEM image ``x0`` of the scan (Py
 * ``post-unet``: a MONAI 3D U-Net maps ``x0`` (and the attenuation map, a second channel) to the
   activity: ``x = m softplus(softplus^-1(x0 / m) + f_theta(x0 / m, mu / mu_water))``. The
   network's last layer starts at zero, so an untrained network returns ``x0``: it learns a
-  correction of OSEM, not an image from nothing.
+  correction of OSEM, not an image from nothing. The output is then scaled to the total of
+  ``x0``: OSEM's total follows the measured counts (EM keeps ``sum(A x + s) = sum(y)``), and a
+  network trained by NRMSE alone came out 4 % low in total on an unseen torso (32 training
+  scans), which dosimetry cannot accept; the network only moves activity within the image.
 * ``unrolled-mapem``: K unrolled MAP-EM iterations (Mehranian & Reader, FBSEM-Net, IEEE TRPMS
   2021; Li, Dewaraja & Fessler, IEEE TRPMS 2023, trained end to end for 177Lu). Each iteration
   takes a small CNN step ``u = m softplus(softplus^-1(x / m) + g_theta(x / m, mu))`` (one CNN
@@ -137,7 +140,8 @@ def build_model(kind: str, features: int, in_channels: int, iterations: int = 3)
             self.unet = _unet(features, in_channels, 4)
 
         def forward(self, scan: Scan, events: Events | None = None):
-            return scan.corrected(self.unet, scan.start)
+            image = scan.corrected(self.unet, scan.start)
+            return image * (scan.start.sum() / image.sum().clamp_min(1e-12))  # OSEM's total (see the docstring)
 
     class UnrolledMAPEM(torch.nn.Module):
         def __init__(self):
@@ -253,6 +257,15 @@ def load_model(path, kind: str, problem):
     return model.to(problem.device).eval(), description
 
 
+def _trained_on(description: dict) -> dict:
+    """What the provenance keeps of the training data: how many scans, which seeds and levels, the manifest's hash."""
+    data = description["training"].get("data", {})
+    seeds = data.get("phantom_seeds") or [None]
+    return {"scans": len(data.get("training_cases", [])), "validation_scans": len(data.get("validation_cases", [])),
+            "phantom_seeds": f"{min(seeds)}-{max(seeds)}" if None not in seeds else "", "seconds_per_view": data.get("seconds_per_view"),
+            "manifest_sha256": data.get("manifest_sha256", ""), "steps": description["training"].get("steps_done")}
+
+
 def resolve_weights(kind: str, value: str) -> Path:
     """'shipped' -> the network that comes with the engine; anything else is a path."""
     return SHIPPED[kind] if value.strip().lower() == "shipped" else Path(value).expanduser()
@@ -279,7 +292,7 @@ def _runner(kind: str):
         matrix = list(problem.object_meta.shape)
         return Result(image.cpu().numpy(), {
             "weights": str(path), "weights_sha256": description["sha256"], "kind": kind,
-            "trained_on": description["training"].get("data", {}), "validation": description["validation"],
+            "trained_on": _trained_on(description), "validation": description["validation"],
             "start_osem": start, "matrix": matrix, "matrix_seen_in_training": matrix in description["matrices"],
         })
 

@@ -106,7 +106,7 @@ def _plot(rows: list[dict], path: Path, reference) -> None:
     hottest = np.unravel_index(np.argmax(images[reference["method"]].array if reference else grid.array), grid.array.shape)
     y = int(hottest[1])  # coronal slice through OSEM's hottest voxel
     columns = len(images)
-    figure, axes = plt.subplots(1, columns, figsize=(2.6 * columns, 3.6), facecolor="black", layout="constrained")
+    figure, axes = plt.subplots(1, columns, figsize=(max(2.6 * columns, 7.0), 3.6), facecolor="black", layout="constrained")
     for axis, (label, volume) in zip(np.atleast_1d(axes), images.items()):
         axis.imshow(ct_on_grid[:, y, :].T, cmap="gray", vmin=-400, vmax=600, origin="lower")
         shown = volume.array[:, y, :].T

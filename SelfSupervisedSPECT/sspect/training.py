@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import SSPECTError
+from .eval.benchmark import file_sha256
 
 CHECKPOINT_FORMAT = "sspect-train-checkpoint/1"
 
@@ -58,12 +59,6 @@ class Example:
     target: object
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def read_manifest(path) -> tuple[dict, str, Path]:
     """(manifest, its sha256, its folder); refused in one sentence if it is not a dataset manifest."""
     path = Path(path)
@@ -76,7 +71,7 @@ def read_manifest(path) -> tuple[dict, str, Path]:
         manifest["cases"], manifest["config"]["sensitivity_cps_per_MBq"]
     except (ValueError, KeyError, TypeError):
         raise SSPECTError(f"{path} is not a dataset manifest; give the manifest.json that `sspect dataset` wrote.") from None
-    return manifest, _sha256(path), path.parent
+    return manifest, file_sha256(path), path.parent
 
 
 def load_example(entry: dict, folder: Path, sensitivity_cps_per_MBq: float, settings: TrainSettings) -> Example:
@@ -93,7 +88,7 @@ def load_example(entry: dict, folder: Path, sensitivity_cps_per_MBq: float, sett
 
     files = {key: folder / value for key, value in entry["files"].items()}
     for key in ("nm", "truth"):
-        if _sha256(files[key]) != entry["sha256"][key]:
+        if file_sha256(files[key]) != entry["sha256"][key]:
             raise SSPECTError(f"The file {files[key]} of case {entry['case']} changed since the manifest was written; "
                               "write the dataset again.")
     with contextlib.redirect_stdout(io.StringIO()):

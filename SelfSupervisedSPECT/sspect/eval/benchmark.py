@@ -223,7 +223,7 @@ def run_dataset(n: int, out, first_seed: int = 0, seconds_per_view=CLINICAL_SECO
                         "seconds_per_view": result.case.seconds_per_view, "noise_seed": result.case.realisation,
                         "reconstruction": label, "label_names": truth.label_names,
                         "files": {k: str(v.relative_to(out)) for k, v in files.items()},
-                        "sha256": {k: _sha256(v) for k, v in files.items() if v.is_file()},
+                        "sha256": {k: file_sha256(v) for k, v in files.items() if v.is_file()},
                         "metrics_osem": result.rows[0]})
     manifest = {"config": config_dict(config), "n": len(entries), "cases": entries}
     write_json_atomic(out / "manifest.json", manifest)
@@ -266,6 +266,6 @@ def pretrain_dl_bpf(phantoms: str, seconds: str, out, steps: int, warm_start_ste
             bar.close()
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

@@ -79,14 +79,12 @@ from pathlib import Path
 
 from ..errors import SSPECTError
 from . import Events, Method, Param, Result, register
-from .network_files import VOXEL_TOLERANCE, read_network_file, voxel_size_differs, weights_sha256
+from .network_files import ISOTOPE, MU_WATER_PER_CM, VOXEL_TOLERANCE, read_network_file, voxel_size_differs, weights_sha256
 from .network_files import voxel_mm as _voxel_mm
 from .self_supervised import STRIDES, _network, _network_features, _padding, _reproducible, _short_osem, fit_likelihood, \
     fit_to_image, poisson_nll, split_problem_counts
 
 FORMAT = "sspect-dl-bpf/1"
-ISOTOPE = "177Lu"
-MU_WATER_PER_CM = 0.136  # narrow-beam attenuation of water at 208 keV: the CT channel's fixed scale
 PRETRAIN_LEARNING_RATE = 0.003
 
 PARAMS = (

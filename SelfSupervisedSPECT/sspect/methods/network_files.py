@@ -12,6 +12,8 @@ from pathlib import Path
 from ..errors import SSPECTError
 
 VOXEL_TOLERANCE = 0.10  # a network is refused on voxels more than 10 % larger or smaller than it was trained on
+ISOTOPE = "177Lu"  # what every network here is trained for, recorded in its file
+MU_WATER_PER_CM = 0.136  # narrow-beam attenuation of water at 208 keV: the fixed scale of a network's CT channel
 
 
 def weights_sha256(state: dict) -> str:

@@ -43,16 +43,14 @@ from pathlib import Path
 from ..errors import SSPECTError
 from ..physics.presets import LU177_PHOTOPEAK_KEV
 from . import Events, Method, Param, Result, register
-from .network_files import VOXEL_TOLERANCE, read_network_file, voxel_mm, voxel_size_differs, weights_sha256
+from .network_files import ISOTOPE, MU_WATER_PER_CM, VOXEL_TOLERANCE, read_network_file, voxel_mm, voxel_size_differs, \
+    weights_sha256
 
 FORMAT = "sspect-supervised/1"
 KINDS = ("post-unet", "unrolled-mapem")
-ISOTOPE = "177Lu"
-MU_WATER_PER_CM = 0.136  # the attenuation channel's fixed scale (water at 208 keV), as for dl-bpf
 WEIGHTS_FOLDER = Path(__file__).resolve().parents[1] / "weights"
 SHIPPED = {"post-unet": WEIGHTS_FOLDER / "post_unet_lu177_megp_8.8mm.safetensors",
            "unrolled-mapem": WEIGHTS_FOLDER / "unrolled_mapem_lu177_megp_8.8mm.safetensors"}
-PADDING_MULTIPLE = 8  # both networks halve the grid at most three times
 
 
 # ---------------------------------------------------------------- what the networks see of a scan
@@ -68,6 +66,7 @@ class Scan:
         from pytomography.likelihoods import PoissonLogLikelihood
 
         from .classical import _check_subsets
+        from .self_supervised import _padding
 
         _check_subsets(problem, {"subsets": start_subsets})
         self.problem = problem
@@ -80,10 +79,7 @@ class Scan:
         self.scale = max(float(self.start.mean()), 1e-12)
         self.ct = (problem.attenuation_map.to(self.start.device, torch.float32) / MU_WATER_PER_CM) if use_ct else None
         shape = tuple(self.start.shape)
-        self.padding = []
-        for size in reversed(shape):
-            extra = -size % PADDING_MULTIPLE
-            self.padding += [extra // 2, extra - extra // 2]
+        self.padding = _padding(shape)  # a multiple of 8: both networks halve the grid at most three times
         self.crop = tuple(slice(self.padding[2 * i], self.padding[2 * i] + n) for i, n in enumerate(reversed(shape)))[::-1]
         self._sensitivity = None
 

@@ -105,6 +105,10 @@ class Scan:
         channels = [image / self.scale] + ([self.ct] if self.ct is not None else [])
         return F.pad(torch.stack(channels)[None], self.padding, mode="replicate")
 
+    def with_start_total(self, image):
+        """``image`` scaled to the total of ``x0`` (OSEM's, which follows the counts; see the module docstring)."""
+        return image * (self.start.sum() / image.sum().clamp_min(1e-12))
+
     def corrected(self, network, image):
         """``m softplus(softplus^-1(image / m) + network(...))``: ``image`` itself while the network outputs zero."""
         import torch
@@ -139,8 +143,7 @@ def build_model(kind: str, features: int, in_channels: int, iterations: int = 3)
             self.unet = _unet(features, in_channels, 4)
 
         def forward(self, scan: Scan, events: Events | None = None):
-            image = scan.corrected(self.unet, scan.start)
-            return image * (scan.start.sum() / image.sum().clamp_min(1e-12))  # OSEM's total (see the docstring)
+            return scan.with_start_total(scan.corrected(self.unet, scan.start))
 
     class UnrolledMAPEM(torch.nn.Module):
         def __init__(self):
@@ -169,7 +172,7 @@ def build_model(kind: str, features: int, in_channels: int, iterations: int = 3)
                 if events is not None:
                     events.progress(0.5 + 0.5 * (k + 1) / iterations, f"unrolled MAP-EM iteration {k + 1}/{iterations}",
                                     stage="network", step=k + 1)
-            return x * (scan.start.sum() / x.sum().clamp_min(1e-12))  # OSEM's total (see the docstring)
+            return scan.with_start_total(x)
 
     if kind == "post-unet":
         return PostReconstructionUNet()

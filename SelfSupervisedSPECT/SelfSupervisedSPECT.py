@@ -41,6 +41,7 @@ PROTECTED_DISTRIBUTIONS = ("numpy", "SimpleITK", "requests", "torch")
 # Device combo box entries, in the .ui's order, as the job file names them.
 DEVICES = ("auto", "cpu", "cuda")
 BINNING_CHOICES = (1, 2, 4)  # binningComboBox items, in order
+PROJECTOR_CHOICES = ("fast", "pytomography")  # projectorComboBox items, in order
 
 POLL_INTERVAL_MS = 150
 
@@ -520,7 +521,7 @@ class SelfSupervisedSPECTWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         for widget in (self.ui.projectionSelector, self.ui.ctSelector, self.ui.loadProjectionFilesButton,
                        self.ui.loadCTFilesButton, self.ui.automaticWindowsCheckBox, self.ui.methodComboBox,
                        self.ui.parametersWidget, self.ui.calibrationSpinBox, self.ui.deviceComboBox,
-                       self.ui.binningComboBox):
+                       self.ui.binningComboBox, self.ui.projectorComboBox):
             widget.enabled = not busy
         self.onAutomaticWindowsToggled(self.ui.automaticWindowsCheckBox.checked)
         bar = self.ui.progressBar
@@ -574,7 +575,8 @@ class SelfSupervisedSPECTWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         calibration = float(self.ui.calibrationSpinBox.value)
         options = {"calibration_cps_per_MBq": calibration if calibration > 0 else None,
                    "device": self._device(), "windows": self._windows(),
-                   "detector_binning": BINNING_CHOICES[self.ui.binningComboBox.currentIndex]}
+                   "detector_binning": BINNING_CHOICES[self.ui.binningComboBox.currentIndex],
+                   "projector": PROJECTOR_CHOICES[self.ui.projectorComboBox.currentIndex]}
         self.ui.logTextEdit.clear()
         self._lastProgressMessage = None
         try:

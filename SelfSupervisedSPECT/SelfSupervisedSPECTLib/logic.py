@@ -35,7 +35,9 @@ ROLE = ATTRIBUTE + "Role"
 PET_HEAT = "vtkMRMLPETProceduralColorNodePET-Heat"
 GREY = "vtkMRMLColorTableNodeGrey"
 UNCERTAINTY_REFERENCE = ATTRIBUTE + "Uncertainty"  # node reference from a result image to its voxel SD map
-JOB_OPTIONS = ("calibration_cps_per_MBq", "device", "windows", "output_dir", "collimator", "seed", "detector_binning")
+JOB_OPTIONS = ("calibration_cps_per_MBq", "device", "windows", "output_dir", "collimator", "seed", "detector_binning",
+               "projector")
+PROJECTORS = ("fast", "pytomography")  # the engine's system models: its own fast operator, PyTomography's (reference)
 WINDOW_KEYS = ("peak", "lower", "upper")
 SHORT_PARAMS = {"iterations": "it", "subsets": "ss", "beta": "b"}
 UNITS = {  # unit the engine writes -> (UCUM code, meaning), quantity
@@ -178,7 +180,8 @@ class SelfSupervisedSPECTLogicBase:
 
     # -- the job -------------------------------------------------------------------------------
     def build_job(self, projection_node, ct_node, method="osem", params=None, calibration_cps_per_MBq=None,
-                  device="auto", windows=None, output_dir=None, collimator=None, seed=0, detector_binning=1):
+                  device="auto", windows=None, output_dir=None, collimator=None, seed=0, detector_binning=1,
+                  projector="fast"):
         """Write a job file (sspect/jobs.py schema) into a new folder under ``work_root``.
 
         ``projection_node`` may be a list of nodes, one per bed. Returns (job dict, job path).
@@ -203,6 +206,8 @@ class SelfSupervisedSPECTLogicBase:
                 raise DoorError("The calibration factor must be a positive number of counts per second per MBq.")
         if isinstance(detector_binning, bool) or detector_binning not in range(1, 9):
             raise DoorError(f"The detector binning must be a whole number from 1 to 8, not {detector_binning!r}.")
+        if projector not in PROJECTORS:
+            raise DoorError(f"Unknown projector {projector!r}; choose fast or pytomography.")
         windows = dict(windows or {})
         unknown = sorted(set(windows) - set(WINDOW_KEYS))
         if unknown:
@@ -217,7 +222,7 @@ class SelfSupervisedSPECTLogicBase:
                "windows": {key: windows.get(key) for key in WINDOW_KEYS},
                "collimator": collimator, "calibration_cps_per_MBq": calibration_cps_per_MBq,
                "device": device, "seed": int(seed), "detector_binning": int(detector_binning),
-               "formats": ["nrrd"], "name": None}
+               "projector": projector, "formats": ["nrrd"], "name": None}
         job_path = folder / "job.json"
         partial = folder / "job.json.partial"
         partial.write_text(json.dumps(job, indent=2))

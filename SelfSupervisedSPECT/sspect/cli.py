@@ -19,7 +19,8 @@ def _settings(args, method_params: dict):
     return Settings(method=args.method, params=method_params, peak_window=args.peak_window,
                     lower_window=args.lower_window, upper_window=args.upper_window, collimator=args.collimator,
                     calibration_cps_per_MBq=args.calibration, device=args.device, seed=args.seed,
-                    formats=tuple(args.formats.split(",")), name=args.name, detector_binning=args.binning)
+                    formats=tuple(args.formats.split(",")), name=args.name, detector_binning=args.binning,
+                    projector=args.projector)
 
 
 def _method_params(args) -> dict:
@@ -250,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("--seed", type=int, default=0)
     recon.add_argument("--binning", type=int, default=1,
                        help="sum BxB detector pixels first: a B times coarser grid, networks ~B^3 times faster (one bed)")
+    recon.add_argument("--projector", default="fast", choices=("fast", "pytomography"),
+                       help="the SPECT system model: fast (default) or PyTomography's own, the reference")
     recon.add_argument("--formats", default="nrrd,dicom", help="comma-separated: nrrd, nifti, dicom")
     recon.add_argument("--name", help="base name of the result files")
     recon.add_argument("--out", required=True, help="output folder")

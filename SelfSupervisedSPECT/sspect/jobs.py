@@ -10,7 +10,8 @@ Job file (JSON)::
      "windows": {"peak": null, "lower": null, "upper": null},   # index, "low-high" keV, "none"
      "collimator": null, "calibration_cps_per_MBq": null,
      "device": "auto", "seed": 0, "formats": ["nrrd", "dicom"], "name": null,
-     "detector_binning": 1}                  # optional: 2 sums 2x2 detector pixels (one bed)
+     "detector_binning": 1,                  # optional: 2 sums 2x2 detector pixels (one bed)
+     "projector": "fast"}                    # optional: "pytomography" for PyTomography's own (reference) model
 
 Events, one JSON object per line on stdout, nothing else on stdout::
 
@@ -36,7 +37,8 @@ from .pipeline import Settings, run
 
 JOB_VERSION = 1
 JOB_KEYS = {"version", "nm", "ct", "output_dir", "method", "params", "windows", "collimator",
-            "calibration_cps_per_MBq", "device", "seed", "formats", "name", "detector_binning"}
+            "calibration_cps_per_MBq", "device", "seed", "formats", "name", "detector_binning",
+            "projector"}
 WINDOW_KEYS = {"peak", "lower", "upper"}
 
 
@@ -74,6 +76,9 @@ def _check_value_types(job: dict) -> None:
     seed = job.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise SSPECTError(f"The job's 'seed' must be a whole number, not {json.dumps(seed)}.")
+    projector = job.get("projector", "fast")
+    if not isinstance(projector, str):
+        raise SSPECTError(f"The job's 'projector' must be \"fast\" or \"pytomography\", not {json.dumps(projector)}.")
     formats = job.get("formats")
     if formats is not None and not (isinstance(formats, list) and all(isinstance(f, str) for f in formats)):
         raise SSPECTError("The job's 'formats' must be a list of names such as [\"nrrd\", \"dicom\"].")
@@ -87,7 +92,7 @@ def settings_from_job(job: dict) -> Settings:
         collimator=job.get("collimator"), calibration_cps_per_MBq=job.get("calibration_cps_per_MBq"),
         device=job.get("device", "auto"), seed=int(job.get("seed", 0)),
         formats=tuple(job.get("formats") or Settings.formats), name=job.get("name"),
-        detector_binning=job.get("detector_binning", 1))
+        detector_binning=job.get("detector_binning", 1), projector=job.get("projector", "fast"))
 
 
 def run_job(path, stream=None) -> int:

@@ -1,5 +1,10 @@
 """The SPECT system model as a differentiable layer: ``A x`` forward, ``A^T g`` for the gradient.
 
+With the fast operator (:class:`sspect.physics.operator.SPECTOperator`, the default) this module
+only hands batches to its autograd functions and picks its ``transpose`` (exact) or ``backward``
+(PyTomography's matched back projection).
+The rest of this module serves PyTomography's ``SPECTSystemMatrix``, the reference projector.
+
 PyTomography's projections run under ``torch.no_grad()``, so autograd cannot flow through them.
 :class:`SPECTProjection` is a ``torch.autograd.Function`` whose forward is the system matrix's
 forward projection and whose backward is the transpose of that same forward projection, so that
@@ -24,6 +29,12 @@ from __future__ import annotations
 import torch
 
 ADJOINTS = ("exact", "pytomography")
+
+
+def _is_fast(system_matrix) -> bool:
+    from ..physics.operator import SPECTOperator
+
+    return isinstance(system_matrix, SPECTOperator)
 
 
 def _is_rotate_and_sum(system_matrix) -> bool:
@@ -59,6 +70,8 @@ def back_project(projections: torch.Tensor, system_matrix, adjoint: str = "exact
     """
     if adjoint not in ADJOINTS:
         raise ValueError(f"adjoint must be one of {ADJOINTS}, not {adjoint!r}")
+    if _is_fast(system_matrix):
+        return system_matrix.transpose(projections) if adjoint == "exact" else system_matrix.backward(projections)
     if adjoint == "pytomography" or not _is_rotate_and_sum(system_matrix):
         return system_matrix.backward(projections)
     import pytomography
@@ -112,6 +125,10 @@ def project(image: torch.Tensor, system_matrix, adjoint: str = "exact") -> torch
         raise ValueError(f"adjoint must be one of {ADJOINTS}, not {adjoint!r}")
     if image.dim() < 3:
         raise ValueError(f"An object needs three dimensions [Lx, Ly, Lz]; got shape {tuple(image.shape)}.")
+    if _is_fast(system_matrix):
+        from ..physics.operator import Projection
+
+        return Projection.apply(image, system_matrix)
     if image.dim() == 3:
         return SPECTProjection.apply(image, system_matrix, adjoint)
     lead = image.shape[:-3]
@@ -142,6 +159,10 @@ class SPECTBackProjection(torch.autograd.Function):
 
 def back_project_differentiable(projections: torch.Tensor, system_matrix) -> torch.Tensor:
     """``A^T g`` for one set of projections [Ltheta, Lr, Lz], differentiable in ``g`` (exact adjoint only)."""
+    if _is_fast(system_matrix):
+        from ..physics.operator import BackProjection
+
+        return BackProjection.apply(projections, system_matrix)
     if not _is_rotate_and_sum(system_matrix):
-        raise ValueError("The differentiable back projection needs PyTomography's rotate + sum SPECTSystemMatrix.")
+        raise ValueError("The differentiable back projection needs the fast SPECTOperator or PyTomography's SPECTSystemMatrix.")
     return SPECTBackProjection.apply(projections, system_matrix)

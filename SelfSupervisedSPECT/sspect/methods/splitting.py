@@ -121,21 +121,26 @@ def _common_params(steps: int, interval: int, patience: int) -> tuple[Param, ...
 
 
 def _view_system(problem, views):
-    """A PyTomography system matrix of the same object and physics that sees only ``views``.
+    """A system matrix of the same object and physics that sees only ``views``.
 
-    Noise2Inverse reconstructs subsets of the views on their own. PyTomography's own subsets
+    Noise2Inverse reconstructs subsets of the views on their own. The system's own subsets
     (``set_n_subsets``) serve OSEM's ordered subsets of *one* reconstruction and cannot describe
-    the complement of a subset, so a new ``SPECTSystemMatrix`` is built on those views' angles
-    and radii (SPECTProjMeta), with copies of the problem's transforms: building a system matrix
-    configures its transforms for its projection geometry, and a copy keeps the problem's own
-    system untouched (the attenuation map tensor is shared, read only; the PSF layers are rebuilt).
+    the complement of a subset. The fast operator restricts its tables to those views; for
+    PyTomography's ``SPECTSystemMatrix`` a new one is built on those views' angles and radii
+    (SPECTProjMeta), with copies of the problem's transforms: building a system matrix configures
+    its transforms for its projection geometry, and a copy keeps the problem's own system untouched
+    (the attenuation map tensor is shared, read only; the PSF layers are rebuilt).
     """
     from pytomography.metadata.SPECT import SPECTProjMeta
     from pytomography.projectors.SPECT import SPECTSystemMatrix
 
+    from ..physics.operator import SPECTOperator
+
     system = problem.system_matrix
+    if isinstance(system, SPECTOperator):
+        return system.select_views(views)
     if type(system) is not SPECTSystemMatrix:
-        raise SSPECTError(f"Noise2Inverse needs PyTomography's SPECTSystemMatrix to select views, not {type(system).__name__}; "
+        raise SSPECTError(f"Noise2Inverse needs a SPECT system matrix that can select views, not {type(system).__name__}; "
                           "use n2n or a classical method.")
     meta = system.proj_meta
     index = np.asarray(views, dtype=np.int64)

@@ -40,13 +40,14 @@ def resolve_device(name: str = "auto"):
 class Problem:
     projections: "torch.Tensor"  # [Ltheta, Lr, Lz] photopeak counts
     scatter: "torch.Tensor | None"  # same shape, expected scatter counts
-    system_matrix: object  # pytomography SPECTSystemMatrix
+    system_matrix: object  # SPECTOperator (fast) or PyTomography's SPECTSystemMatrix (reference)
     object_meta: object
     proj_meta: object
     attenuation_map: "torch.Tensor | None"  # 1/cm on the object grid, also the anatomy for priors
     device: object
     collimator_code: str = ""  # PyTomography / SIMIND code, e.g. GI-MEGP: what a trained network must match
     peak_window_keV: tuple = ()  # (lower, upper) of the photopeak window
+    projector: str = "fast"
 
     def likelihood(self):
         from pytomography.likelihoods import PoissonLogLikelihood
@@ -69,8 +70,20 @@ def scatter_estimate(study: ProjectionStudy, windows: WindowChoice) -> np.ndarra
     return scatter.cpu().numpy()
 
 
+PROJECTORS = ("fast", "pytomography")
+
+
+def check_projector(name: str) -> str:
+    if name not in PROJECTORS:
+        raise SSPECTError(f"Unknown projector {name!r}; choose {' or '.join(PROJECTORS)}.")
+    return name
+
+
 def build_problem(study: ProjectionStudy, windows: WindowChoice, mu_map: np.ndarray | None,
-                  collimator: str, device: str = "auto", photopeak_keV: float = LU177_PHOTOPEAK_KEV) -> Problem:
+                  collimator: str, device: str = "auto", photopeak_keV: float = LU177_PHOTOPEAK_KEV,
+                  projector: str = "fast") -> Problem:
+    """The problem of one bed; ``projector`` "fast" is :class:`.operator.SPECTOperator`, "pytomography"
+    PyTomography's own ``SPECTSystemMatrix`` (the reference it is measured against)."""
     import pytomography
     import torch
     from pytomography.io.SPECT.dicom import get_psfmeta_from_scanner_params
@@ -78,6 +91,7 @@ def build_problem(study: ProjectionStudy, windows: WindowChoice, mu_map: np.ndar
     from pytomography.projectors.SPECT import SPECTSystemMatrix
     from pytomography.transforms.SPECT import SPECTAttenuationTransform, SPECTPSFTransform
 
+    check_projector(projector)
     torch_device = resolve_device(device)
     pytomography.device = torch_device  # PyTomography reads this global when it builds tensors
     preset = collimator_preset(collimator)
@@ -89,18 +103,20 @@ def build_problem(study: ProjectionStudy, windows: WindowChoice, mu_map: np.ndar
     proj_meta = SPECTProjMeta(peak.shape[1:], (dx_cm, dz_cm), study.angles_deg, study.radii_cm)
     psf_meta = get_psfmeta_from_scanner_params(preset.code, energy_keV=photopeak_keV,
                                                intrinsic_resolution_140keV=preset.intrinsic_resolution_140keV_cm)
-    transforms = []
-    mu_tensor = None
-    if mu_map is not None:
-        mu_tensor = torch.from_numpy(np.ascontiguousarray(mu_map)).to(torch_device)
-        transforms.append(SPECTAttenuationTransform(mu_tensor))
-    transforms.append(SPECTPSFTransform(psf_meta))
-    system_matrix = SPECTSystemMatrix(obj2obj_transforms=transforms, proj2proj_transforms=[],
-                                      object_meta=object_meta, proj_meta=proj_meta)
+    mu_tensor = None if mu_map is None else torch.from_numpy(np.ascontiguousarray(mu_map, dtype=np.float32)).to(torch_device)
+    if projector == "fast":
+        from .operator import SPECTOperator
+
+        system_matrix = SPECTOperator(object_meta, proj_meta, mu_tensor, psf_meta, device=torch_device)
+    else:
+        transforms = [] if mu_tensor is None else [SPECTAttenuationTransform(mu_tensor)]
+        transforms.append(SPECTPSFTransform(psf_meta))
+        system_matrix = SPECTSystemMatrix(obj2obj_transforms=transforms, proj2proj_transforms=[],
+                                          object_meta=object_meta, proj_meta=proj_meta)
     scatter = scatter_estimate(study, windows)
     return Problem(
         projections=torch.from_numpy(np.ascontiguousarray(peak)).to(torch_device),
         scatter=None if scatter is None else torch.from_numpy(scatter).to(torch_device),
         system_matrix=system_matrix, object_meta=object_meta, proj_meta=proj_meta,
         attenuation_map=mu_tensor, device=torch_device, collimator_code=preset.code,
-        peak_window_keV=(float(windows.peak.lower_keV), float(windows.peak.upper_keV)))
+        peak_window_keV=(float(windows.peak.lower_keV), float(windows.peak.upper_keV)), projector=projector)

@@ -133,7 +133,8 @@ def command_demo(args) -> int:
     with _progress_bar() as events:
         files = run_demo(Path(args.out), events, quick=args.quick)
     _print_files(files, "Bq/mL")
-    print(f"Demo finished: read {files['report']} (OSEM) and {files['supervised_report']} (supervised post-unet)")
+    print(f"Demo finished: read {files['report']} (OSEM), {files['supervised_report']} (supervised post-unet) "
+          f"and {files['self_supervised_report']} (self-supervised dip-admm)")
     return 0
 
 

@@ -32,3 +32,10 @@ def test_demo_writes_image_preview_provenance_and_report(tmp_path, capsys):
     assert abs(error) < 5, supervised
     provenance = json.loads((tmp_path / "demo_post_unet_provenance.json").read_text())
     assert provenance["method"] == "post-unet" and provenance["per_bed"][0]["weights_sha256"]
+    # and through the self-supervised method, learned from this scan alone
+    learned = (tmp_path / "demo_dip_admm_report.md").read_text()
+    error = float(re.search(r"total activity \(truth -> image\): .* \(([-+\d.]+)%\)", learned).group(1))
+    assert abs(error) < 5, learned
+    provenance = json.loads((tmp_path / "demo_dip_admm_provenance.json").read_text())
+    assert provenance["method"] == "dip-admm" and provenance["projector"] == "fast"
+    assert 0 < provenance["method_run_time_s"] <= provenance["run_time_s"]

@@ -112,12 +112,13 @@ def test_without_a_hold_out_every_outer_iteration_runs(problem):
 def test_the_image_is_on_the_full_count_scale_whatever_share_is_held_out(problem, osem):
     """DIPRecon sees only the training counts; the image it returns is (1 - p) times the full-count image,
     which the method divides back: the total matches OSEM of all counts for any hold-out share."""
-    params = {"features": 4, "pretrain_steps": 30, "iterations": 10, "fit_steps": 10, "patience": 0}
-    # measured: 1.03 and 1.08 times OSEM's total with the fast operator, 1.02 and 0.96 with PyTomography's
-    # (10 outer iterations of a 4-feature network are far from converged); 0.6 without the division
+    # 30 outer iterations: after 10 the total still swings by 10 % with the smallest change of the model
+    # (measured at p = 0.4: 1.11 with the fast operator, 0.96 with PyTomography's, whose OSEM images
+    # differ by 5e-5 here; after 30: 0.99 and 1.02); 0.6 without the division
+    params = {"features": 4, "pretrain_steps": 30, "iterations": 30, "fit_steps": 10, "patience": 0}
     for fraction in (0.0, 0.4):
         image = get_method("dip-admm").reconstruct(problem, {**params, "validation_fraction": fraction}).image
-        assert abs(image.sum() / osem.sum() - 1) < 0.1, (fraction, image.sum() / osem.sum())
+        assert abs(image.sum() / osem.sum() - 1) < 0.05, (fraction, image.sum() / osem.sum())
 
 
 def test_default_dip_admm_stops_on_validation_and_reports_where(default_run):

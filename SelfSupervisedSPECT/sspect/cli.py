@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("--seed", type=int, default=0)
     recon.add_argument("--binning", type=int, default=1,
                        help="sum BxB detector pixels first: a B times coarser grid, networks ~B^3 times faster (one bed)")
-    recon.add_argument("--projector", default="fast", choices=("fast", "pytomography"),
+    recon.add_argument("--projector", default="fast",
                        help="the SPECT system model: fast (default) or PyTomography's own, the reference")
     recon.add_argument("--formats", default="nrrd,dicom", help="comma-separated: nrrd, nifti, dicom")
     recon.add_argument("--name", help="base name of the result files")

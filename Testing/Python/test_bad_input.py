@@ -116,6 +116,7 @@ def test_unknown_rotation_direction(capsys, tmp_path, small_study):
     (("--peak-window", "7"), ("no photopeak window #7",)),
     (("--param", "smoothness=3"), ("has no parameter smoothness",)),
     (("--device", "tpu"), ("Unknown device",)),
+    (("--projector", "magic"), ("Unknown projector 'magic'", "fast or pytomography")),
 ])
 def test_bad_settings(capsys, tmp_path, small_study, extra, words):
     _assert_one_sentence(*_reconstruct(capsys, tmp_path, small_study["nm"], None, *extra), *words)

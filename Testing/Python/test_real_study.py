@@ -44,7 +44,8 @@ def test_ct_is_read_sorted_in_patient_coordinates(real_study):
 
 @pytest.fixture(scope="module")
 def parity_pair(real_study):
-    """The engine's OSEM and a direct PyTomography OSEM with the same settings (1 it x 6 subsets)."""
+    """The engine's OSEM (fast operator) and a direct PyTomography OSEM with the same settings (4 it x 6 subsets),
+    and the direct script's system matrix."""
     from pytomography.algorithms import OSEM
     from pytomography.io.SPECT import dicom
     from pytomography.likelihoods import PoissonLogLikelihood
@@ -52,7 +53,7 @@ def parity_pair(real_study):
     from pytomography.transforms.SPECT import SPECTAttenuationTransform, SPECTPSFTransform
     import pytomography
 
-    settings = Settings(method="osem", params={"iterations": 1, "subsets": 6}, device="cpu")
+    settings = Settings(method="osem", params={"iterations": 4, "subsets": 6}, device="cpu")
     study = load_study(real_study["nm"], real_study["ct"], settings)
     engine, provenance = reconstruct_study(study, settings)
 
@@ -66,13 +67,14 @@ def parity_pair(real_study):
     psf = dicom.get_psfmeta_from_scanner_params("GI-MEGP", energy_keV=208, intrinsic_resolution_140keV=0.38)
     system = SPECTSystemMatrix(obj2obj_transforms=[SPECTAttenuationTransform(mu), SPECTPSFTransform(psf)],
                                proj2proj_transforms=[], object_meta=object_meta, proj_meta=proj_meta)
-    direct = OSEM(PoissonLogLikelihood(system, projections, scatter))(1, 6).cpu().numpy()
-    return engine, direct, study, mu.cpu().numpy()
+    direct = OSEM(PoissonLogLikelihood(system, projections, scatter))(4, 6).cpu().numpy()
+    assert provenance["projector"] == "fast"
+    return engine, direct, study, mu.cpu().numpy(), system
 
 
 @pytest.mark.slow
 def test_engine_osem_equals_direct_pytomography(parity_pair):
-    engine, direct, _, _ = parity_pair
+    engine, direct, _, _, _ = parity_pair
     nrmse = np.sqrt(np.mean((engine.array - direct) ** 2)) / np.sqrt(np.mean(direct ** 2))
     assert nrmse < 0.01, f"NRMSE {nrmse:.4f}"
     assert engine.unit == "counts"
@@ -80,10 +82,26 @@ def test_engine_osem_equals_direct_pytomography(parity_pair):
 
 
 @pytest.mark.slow
+def test_fast_forward_projection_equals_direct_pytomography(parity_pair):
+    """The fast operator projects the direct script's OSEM image as PyTomography's system matrix does."""
+    import torch
+
+    from sspect.pipeline import bed_problem
+
+    _, direct, study, _, system = parity_pair
+    with contextlib.redirect_stdout(io.StringIO()):
+        fast = bed_problem(study, device="cpu").system_matrix
+    image = torch.from_numpy(direct)
+    reference = system.forward(image).double()
+    nrmse = float((fast.forward(image).double() - reference).norm() / reference.norm())
+    assert nrmse < 0.01, f"NRMSE {nrmse:.4f}"
+
+
+@pytest.mark.slow
 def test_attenuation_map_equals_pytomography(parity_pair):
     from sspect.io.ct import attenuation_map
 
-    _, _, study, direct_mu = parity_pair
+    _, _, study, direct_mu, _ = parity_pair
     with contextlib.redirect_stdout(io.StringIO()):
         mu = attenuation_map(study.ct, study.beds[0], 208.0)
     np.testing.assert_allclose(mu, direct_mu, atol=1e-5)
@@ -93,7 +111,7 @@ def test_attenuation_map_equals_pytomography(parity_pair):
 def test_activity_lies_inside_the_patient_on_ct(parity_pair):
     """Independent alignment check on real data: the uptake falls inside the CT body outline,
     better than it would if the image were mirrored or moved 4 voxels (18 mm) sideways."""
-    engine, _, study, _ = parity_pair
+    engine, _, study, _, _ = parity_pair
     hu = resample(study.ct.volume, engine.affine, engine.array.shape, cval=-1001.0)
     covered = (hu > -1001).any(axis=(0, 1))  # slices the CT reaches
     image, body = engine.array[:, :, covered], hu[:, :, covered] > -500

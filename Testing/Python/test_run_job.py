@@ -131,7 +131,8 @@ def test_result_files_exist_and_provenance_matches_the_job(good_run, small_study
     assert provenance["params"] == job["params"]
     assert provenance["seed"] == job["seed"]
     assert provenance["calibration_cps_per_MBq"] == job["calibration_cps_per_MBq"]
-    assert provenance["unit"] == "Bq/mL"
+    assert provenance["unit"] == "Bq/mL" and provenance["projector"] == "fast"
+    assert 0 < provenance["method_run_time_s"] <= provenance["run_time_s"]
     written = json.loads(Path(files["provenance"]).read_text())
     assert {k: written[k] for k in ("method", "params", "seed", "unit")} == \
         {k: provenance[k] for k in ("method", "params", "seed", "unit")}
@@ -151,6 +152,16 @@ def test_same_job_twice_gives_the_same_image(good_run, tmp_path):
     np.testing.assert_array_equal(read_image(first["nrrd"]).array, read_image(second["nrrd"]).array)
     np.testing.assert_array_equal(read_dicom_series(first["dicom"]).array, read_dicom_series(second["dicom"]).array)
     assert events[-1]["provenance"]["seed"] == good_run["events"][-1]["provenance"]["seed"] == job["seed"]
+
+
+def test_job_can_choose_pytomographys_projector_as_the_reference(good_run, tmp_path):
+    job = {**good_run["job"], "output_dir": str(tmp_path / "reference"), "projector": "pytomography"}
+    code, events, stderr = _run_job(_write_job(tmp_path, job))
+    assert code == 0, stderr[-3000:]
+    assert events[-1]["provenance"]["projector"] == "pytomography"
+    fast = read_image(good_run["events"][-1]["files"]["nrrd"]).array.astype(np.float64)
+    reference = read_image(events[-1]["files"]["nrrd"]).array.astype(np.float64)
+    assert np.linalg.norm(fast - reference) / np.linalg.norm(reference) < 0.01
 
 
 # ---------------------------------------------------------------- jobs that fail
@@ -199,6 +210,8 @@ def test_missing_job_file(tmp_path):
     ({"formats": "nrrd"}, ("formats",)),
     ({"params": {"iterations": 0}}, ("iterations", "outside")),
     ({"method": "magic"}, ("Unknown method",)),
+    ({"projector": 3}, ("projector", "fast", "pytomography")),
+    ({"projector": "magic"}, ("Unknown projector 'magic'",)),
 ])
 def test_bad_job_values_are_one_error(small_study, tmp_path, changes, words):
     """Wrong values a user (or a buggy caller) writes are refused as such, not as an engine failure."""

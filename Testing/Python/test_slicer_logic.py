@@ -499,6 +499,7 @@ def test_user_errors_are_one_sentence_and_leave_the_scene_alone(study, logic, sl
         "unknown parameter": lambda: logic.reconstruct(projections, ct, iterations=2, smoothness=3),
         "bad calibration": lambda: logic.build_job(projections, ct, calibration_cps_per_MBq=-1),
         "bad window role": lambda: logic.build_job(projections, ct, windows={"photopeak": 1}),
+        "unknown projector": lambda: logic.build_job(projections, ct, projector="fastest"),
         "no segmentation": lambda: logic.dosimetry_table(None, [study["result"]]),
         "missing file": lambda: logic.load_ct_series([str(study["ct_files"][0]) + ".missing"]),
     }
@@ -516,8 +517,9 @@ def test_job_file_follows_the_engine_schema(study, logic):
     from sspect.jobs import JOB_KEYS, read_job
 
     job, path = logic.build_job(study["projection_node"], study["ct_node"], "osem", {"iterations": 3},
-                                calibration_cps_per_MBq=9.0, device="cpu", windows={"lower": "none"})
-    assert set(job) == JOB_KEYS and read_job(path) == job
+                                calibration_cps_per_MBq=9.0, device="cpu", windows={"lower": "none"},
+                                projector="pytomography")
+    assert set(job) == JOB_KEYS and read_job(path) == job and job["projector"] == "pytomography"
     assert job["nm"] == [str(study["nm"])] and job["ct"] == [str(p) for p in study["ct_files"]]
     assert job["formats"] == ["nrrd"] and job["windows"] == {"peak": None, "lower": "none", "upper": None}
     assert Path(job["output_dir"]) == path.parent and path.parent.parent == logic.work_root

@@ -132,6 +132,20 @@ def test_binning_combo_matches_the_module_choices_and_the_engine_limits():
     assert all(f"{b}x{b}" in text for b, text in zip(choices[1:], texts[1:])) and all(1 <= b <= 8 for b in choices)
 
 
+def _constant(path: Path, name: str):
+    return next(ast.literal_eval(node.value) for node in ast.parse(path.read_text()).body
+                if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets))
+
+
+def test_projector_combo_matches_the_module_choices_and_the_logic():
+    combo = next(w for w in _ui_tree().iter("widget") if w.get("name") == "projectorComboBox")
+    choices = _constant(MODULE_FILE, "PROJECTOR_CHOICES")
+    assert choices == _constant(LIB_DIR / "logic.py", "PROJECTORS")
+    texts = [item.findtext("property/string") for item in combo.findall("item")]
+    assert choices[0] == "fast" and len(texts) == len(choices)
+    assert texts[0].startswith("Fast") and texts[1].startswith("PyTomography")
+
+
 def test_method_parameters_have_a_form_container():
     """Parameters are built from the registry into a QFormLayout (no GUI code per method)."""
     container = next(w for w in _ui_tree().iter("widget") if w.get("name") == "parametersWidget")

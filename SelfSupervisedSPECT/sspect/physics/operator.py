@@ -100,8 +100,9 @@ class SPECTOperator(SystemMatrix):
 
     ``forward``, ``backward`` and ``transpose`` take one object or a batch with any leading
     dimensions (a network's [B, C, X, Y, Z]) and all views or one subset (``set_n_subsets``);
-    ``transpose`` is the exact transpose of ``forward``, ``backward`` PyTomography's matched one. Build it with :func:`sspect.physics.system.build_problem`
-    or directly from PyTomography's metadata, the mu map and the PSF metadata.
+    ``transpose`` is the exact transpose of ``forward``, ``backward`` PyTomography's matched one.
+    Build it with :func:`sspect.physics.system.build_problem` or directly from PyTomography's
+    metadata, the mu map and the PSF metadata.
     """
 
     def __init__(self, object_meta, proj_meta, attenuation_map: torch.Tensor | None = None, psf_meta=None,
@@ -188,10 +189,7 @@ class SPECTOperator(SystemMatrix):
         self.base_y = torch.ones(planes, views, 1, 1, 1)
         self.base_z = torch.ones(planes, views, 1, 1, 1)
         self.margin, self.z_pad = 2, 0
-        if psf_meta is None:
-            self.group_last[:] = False
-            self.group_last[-1] = True
-        else:
+        if psf_meta is not None:
             if psf_meta.shape != "gaussian":
                 raise ValueError(f"The fast operator models Gaussian collimator responses, not {psf_meta.shape!r}.")
             spacing_y, spacing_z = float(self.object_meta.dx), float(self.object_meta.dz)

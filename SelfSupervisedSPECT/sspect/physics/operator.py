@@ -31,7 +31,10 @@ from pytomography.projectors import SystemMatrix
 from pytomography.utils import compute_pad_size, get_distance
 
 DEFAULT_PRECOMPUTE_LIMIT_BYTES = 4 * 1024**3  # attenuation factors above this are recomputed per group of views
-DEFAULT_GROUP_BYTES = 256 * 1024**2  # working memory of one group of views in the back projection
+# working memory of one group of views in the back projection: on the CPU more views per group gain
+# nothing (measured at 128^3: 4 groups of 15 views as fast as 1 of 60); on a GPU one group means
+# fewer kernel launches
+GROUP_BYTES = {"cpu": 256 * 1024**2, "gpu": 4 * 1024**3}
 DEFAULT_PSF_KURTOSIS = 0.1  # largest excess kurtosis of a plane's blur kernel against a Gaussian (see _psf_tables)
 MAX_STEP_VARIANCE = 0.5  # px^2 per diffusion step: keeps the 3-tap kernel [a, 1-2a, a] positive and Gaussian-like
 
@@ -107,7 +110,7 @@ class SPECTOperator(SystemMatrix):
 
     def __init__(self, object_meta, proj_meta, attenuation_map: torch.Tensor | None = None, psf_meta=None,
                  device: torch.device | str = "cpu", precompute_limit_bytes: int = DEFAULT_PRECOMPUTE_LIMIT_BYTES,
-                 group_bytes: int = DEFAULT_GROUP_BYTES, psf_kurtosis: float = DEFAULT_PSF_KURTOSIS):
+                 group_bytes: int | None = None, psf_kurtosis: float = DEFAULT_PSF_KURTOSIS):
         super().__init__(object_meta, proj_meta)
         shape = tuple(int(s) for s in object_meta.shape)
         if shape[0] != shape[1] or tuple(proj_meta.shape[1:]) != (shape[0], shape[2]):
@@ -122,7 +125,7 @@ class SPECTOperator(SystemMatrix):
         if self.radii.size == 1:
             self.radii = np.full(len(self.angles), float(self.radii[0]))
         self.num_views = len(self.angles)
-        self.group_bytes = group_bytes
+        self.group_bytes = group_bytes or GROUP_BYTES["cpu" if self.device.type == "cpu" else "gpu"]
         self._psf_tables(psf_meta, psf_kurtosis)
         window = slice(max(0, self.pad - self.margin), min(self.padded, self.pad + self.size + self.margin))
         self.window = window

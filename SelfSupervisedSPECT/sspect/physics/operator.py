@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ from pytomography.projectors import SystemMatrix
 from pytomography.utils import compute_pad_size, get_distance
 
 DEFAULT_PRECOMPUTE_LIMIT_BYTES = 4 * 1024**3  # attenuation factors above this are recomputed per group of views
+PRECOMPUTE_SHARE = 0.25  # and above this share of the memory free when the operator is built
 # working memory of one group of views in the back projection: on the CPU more views per group gain
 # nothing (measured at 128^3: 4 groups of 15 views as fast as 1 of 60); on a GPU one group means
 # fewer kernel launches
@@ -91,6 +93,21 @@ def _transpose_taps(indices: torch.Tensor, weights: torch.Tensor, n_sources: int
     return rows, taps
 
 
+def _free_bytes(device: torch.device) -> int | None:
+    """Memory free now on ``device`` (None where the platform does not say)."""
+    if device.type != "cpu":
+        return torch.cuda.mem_get_info(device)[0] if torch.cuda.is_available() else None
+    try:  # Linux: what can be had without swapping, page cache included
+        with open("/proc/meminfo") as meminfo:
+            return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        pass
+    try:  # macOS and other Unix: free pages
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # Windows has no sysconf
+        return None
+
+
 def _gaussian_kernel(sigma_px: np.ndarray, size: int) -> np.ndarray:
     """PyTomography's sampled, normalised Gaussian (``get_1D_PSF_layer_gaussian``), one row per sigma."""
     x = np.arange(-(size // 2), size // 2 + 1, dtype=np.float64)
@@ -137,7 +154,8 @@ class SPECTOperator(SystemMatrix):
         self.precomputed_bytes = self._table_bytes()
         if self.attenuation is not None:
             detection_bytes = self.padded * self.num_views * self.width * self.depth * 4
-            if detection_bytes <= precompute_limit_bytes:
+            free = _free_bytes(self.device)
+            if detection_bytes <= min(precompute_limit_bytes, PRECOMPUTE_SHARE * free if free else math.inf):
                 try:
                     self.detection = self._detection(torch.arange(self.num_views, device=self.device))
                     self.precomputed_bytes += detection_bytes

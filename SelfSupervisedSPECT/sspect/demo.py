@@ -13,8 +13,8 @@ import numpy as np
 from .methods import Events
 from .pipeline import Settings, load_study, reconstruct_study, write_results
 
-# dip-admm serves the demo phantom best of the self-supervised methods (benchmarks/demo_methods.py, docs/operator/):
-# voxel NRMSE 0.401 against OSEM's 0.407, the lesions' recovery 0.88 and 0.81 against 0.83 and 0.70.
+# dip-admm serves the demo phantom best of the self-supervised methods: the lowest voxel NRMSE and the
+# best lesion recovery (benchmarks/demo_methods.py, docs/operator/demo_methods.md)
 SELF_SUPERVISED = "dip-admm"
 QUICK_SELF_SUPERVISED = {"features": 4, "pretrain_steps": 30, "iterations": 30, "fit_steps": 10}
 

@@ -118,6 +118,11 @@ def test_transpose_is_exact_and_backward_is_pytomographys_matched_back_projectio
     reference = operators["reference"].backward(measured)
     assert _nrmse(operators["fast"].backward(measured), reference) < 0.01
     assert _nrmse(operators["fast"].transpose(measured), reference) > 2 * _nrmse(operators["fast"].backward(measured), reference)
+    g = geometry
+    exact = SPECTOperator(g["object_meta"], g["proj_meta"], g["mu"], g["psf"], back_projection="exact")
+    torch.testing.assert_close(exact.backward(y), operator.transpose(y), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="back_projection must be one of"):
+        SPECTOperator(g["object_meta"], g["proj_meta"], g["mu"], g["psf"], back_projection="transposed")
 
 
 def test_subsets_are_the_views_of_the_full_projection(geometry, operators):

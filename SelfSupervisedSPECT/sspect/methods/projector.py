@@ -128,7 +128,7 @@ def project(image: torch.Tensor, system_matrix, adjoint: str = "exact") -> torch
     if _is_fast(system_matrix):
         from ..physics.operator import Projection
 
-        return Projection.apply(image, system_matrix)
+        return Projection.apply(image, system_matrix, adjoint == "exact")
     if image.dim() == 3:
         return SPECTProjection.apply(image, system_matrix, adjoint)
     lead = image.shape[:-3]

@@ -33,11 +33,11 @@ from pytomography.utils import compute_pad_size, get_distance
 
 DEFAULT_PRECOMPUTE_LIMIT_BYTES = 4 * 1024**3  # attenuation factors above this are recomputed per group of views
 PRECOMPUTE_SHARE = 0.25  # and above this share of the memory free when the operator is built
-# working memory of one group of views in the back projection: on the CPU more views per group gain
-# nothing (measured at 128^3: 4 groups of 15 views as fast as 1 of 60); on a GPU one group means
-# fewer kernel launches
+# working memory of one group of views in the back projection: on the CPU larger groups gain nothing
+# (they leave the caches); on a GPU one group of all views means fewer kernel launches
 GROUP_BYTES = {"cpu": 256 * 1024**2, "gpu": 4 * 1024**3}
 DEFAULT_PSF_KURTOSIS = 0.1  # largest excess kurtosis of a plane's blur kernel against a Gaussian (see _psf_tables)
+BACK_PROJECTIONS = ("matched", "exact")  # what ``backward`` computes (see SPECTOperator.backward)
 MAX_STEP_VARIANCE = 0.5  # px^2 per diffusion step: keeps the 3-tap kernel [a, 1-2a, a] positive and Gaussian-like
 
 
@@ -127,8 +127,12 @@ class SPECTOperator(SystemMatrix):
 
     def __init__(self, object_meta, proj_meta, attenuation_map: torch.Tensor | None = None, psf_meta=None,
                  device: torch.device | str = "cpu", precompute_limit_bytes: int = DEFAULT_PRECOMPUTE_LIMIT_BYTES,
-                 group_bytes: int | None = None, psf_kurtosis: float = DEFAULT_PSF_KURTOSIS):
+                 group_bytes: int | None = None, psf_kurtosis: float = DEFAULT_PSF_KURTOSIS,
+                 back_projection: str = "matched"):
         super().__init__(object_meta, proj_meta)
+        if back_projection not in BACK_PROJECTIONS:
+            raise ValueError(f"back_projection must be one of {BACK_PROJECTIONS}, not {back_projection!r}")
+        self.back_projection = back_projection
         shape = tuple(int(s) for s in object_meta.shape)
         if shape[0] != shape[1] or tuple(proj_meta.shape[1:]) != (shape[0], shape[2]):
             raise ValueError(f"The operator needs square axial planes matching the detector; got object {shape}, "
@@ -198,8 +202,8 @@ class SPECTOperator(SystemMatrix):
         steps add a 4th cumulant ``v_x - v_e``, an excess kurtosis ``(v_x - v_e) / v_x^2`` that a
         group keeps below ``group_kurtosis`` (near planes, narrow kernels, make small groups; far
         planes large ones). The cost per voxel is 9 multiply-adds per step plus 2 x 23 (4.4 mm,
-        MEGP) per group, against 2 x 23 per plane; 29 groups for 182 planes of the real bed, whose
-        forward projection is then 0.03 % NRMSE from PyTomography's (``benchmarks/operator_speed.py``).
+        MEGP) per group, against 2 x 23 per plane. The error against PyTomography for each bound
+        is measured by ``benchmarks/psf_groups.py`` (``docs/operator/``).
         """
         planes, views = self.padded, self.num_views
         self.steps = np.zeros(planes, dtype=int)
@@ -388,16 +392,17 @@ class SPECTOperator(SystemMatrix):
         return out.reshape(*lead, len(views), self.size, self.depth)
 
     def backward(self, proj: torch.Tensor, subset_idx: int | None = None) -> torch.Tensor:
-        """PyTomography's back projection ``B g`` (what its algorithms call): [..., Ltheta(subset), Lr, Lz] -> [..., Lx, Ly, Lz].
+        """The back projection PyTomography's algorithms call: [..., Ltheta(subset), Lr, Lz] -> [..., Lx, Ly, Lz].
 
-        It is matched, not transposed, like PyTomography's: the stack of planes is rotated back by
-        bilinear interpolation at the opposite angle, and bilinear rotation by -a is not the
-        transpose of bilinear rotation by a. Kept so that OSEM, BSREM and the other algorithms
-        converge to the images they give with PyTomography's projector (4 x 6 OSEM of the real bed
-        differs by 3 % NRMSE with the exact transpose instead, measured in
-        ``benchmarks/operator_speed.py``); :meth:`transpose` is the exact ``A^T``.
+        By default (``back_projection="matched"``) PyTomography's own, matched but not transposed:
+        the stack of planes is rotated back by bilinear interpolation at the opposite angle, and
+        bilinear rotation by -a is not the transpose of bilinear rotation by a. Kept so that OSEM,
+        BSREM and the other algorithms converge to the images they give with PyTomography's
+        projector (the real bed's OSEM 4 x 6 with ``"exact"`` differs from PyTomography's several
+        times more, measured in ``benchmarks/operator_speed.py``); :meth:`transpose` is the exact
+        ``A^T`` whatever this choice.
         """
-        return self._back_project(proj, subset_idx, "matched")
+        return self._back_project(proj, subset_idx, self.back_projection)
 
     def transpose(self, proj: torch.Tensor, subset_idx: int | None = None) -> torch.Tensor:
         """``A^T g``, the exact transpose of :meth:`forward` (gradients of learned methods)."""
@@ -464,18 +469,23 @@ class SPECTOperator(SystemMatrix):
 
 
 class Projection(torch.autograd.Function):
-    """``y = A x`` with ``dL/dx = A^T dL/dy`` (the operator's exact :meth:`SPECTOperator.transpose`)."""
+    """``y = A x`` with ``dL/dx = A^T dL/dy``: the exact :meth:`SPECTOperator.transpose`, or with
+    ``exact=False`` the operator's ``backward`` (PyTomography's matched back projection).
+
+    Call as ``Projection.apply(image, operator, exact)``.
+    """
 
     @staticmethod
-    def forward(ctx, image, operator):
-        ctx.operator = operator
+    def forward(ctx, image, operator, exact=True):
+        ctx.operator, ctx.exact = operator, exact
         return operator.forward(image.detach())
 
     @staticmethod
     def backward(ctx, grad_projections):
         if not ctx.needs_input_grad[0]:
-            return None, None
-        return ctx.operator.transpose(grad_projections.detach()).to(grad_projections.dtype), None
+            return None, None, None
+        back = ctx.operator.transpose if ctx.exact else ctx.operator.backward
+        return back(grad_projections.detach()).to(grad_projections.dtype), None, None
 
 
 class BackProjection(torch.autograd.Function):

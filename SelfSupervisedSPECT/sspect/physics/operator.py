@@ -316,10 +316,9 @@ class SPECTOperator(SystemMatrix):
         return [(start, views[start:start + size]) for start in range(0, len(views), size)]
 
     def _group_detection(self, views: torch.Tensor):
-        if self.attenuation is None:
+        """The group's detection probabilities when they are not kept (else read plane by plane)."""
+        if self.attenuation is None or self.detection is not None:
             return None
-        if self.detection is not None:
-            return None  # read plane by plane from self.detection
         return self._detection(views)
 
     def _detection_plane(self, x: int, views: torch.Tensor, group_detection):
@@ -443,20 +442,19 @@ class SPECTOperator(SystemMatrix):
         return image.reshape(*lead, self.size, self.size, self.depth)
 
     def select_views(self, views) -> "SPECTOperator":
-        """The same operator restricted to ``views`` (indices into this one's views), sharing its tables.
+        """The same operator restricted to ``views`` (indices into this one's views), its tables cut to them.
 
         Noise2Inverse reconstructs subsets of the views on their own; OSEM's subsets cannot describe
         the complement of a subset.
         """
         from pytomography.metadata.SPECT import SPECTProjMeta
 
-        index = torch.as_tensor(np.asarray(views, dtype=np.int64), device=self.device)
+        chosen_views = np.asarray(views, dtype=np.int64)
+        index = torch.as_tensor(chosen_views, device=self.device)
         chosen = copy.copy(self)
-        meta = self.proj_meta
-        chosen.proj_meta = SPECTProjMeta(meta.shape[1:], meta.dr, np.asarray(self.angles)[index.cpu().numpy()],
-                                         self.radii[index.cpu().numpy()])
-        chosen.angles = [self.angles[i] for i in index.tolist()]
-        chosen.radii = self.radii[index.cpu().numpy()]
+        chosen.angles = [self.angles[i] for i in chosen_views]
+        chosen.radii = self.radii[chosen_views]
+        chosen.proj_meta = SPECTProjMeta(self.proj_meta.shape[1:], self.proj_meta.dr, np.asarray(chosen.angles), chosen.radii)
         chosen.num_views = len(chosen.angles)
         chosen.forward_index, chosen.forward_weight = self.forward_index[:, index], self.forward_weight[:, index]
         chosen.back_taps = {name: (rows[index], taps[index]) for name, (rows, taps) in self.back_taps.items()}

@@ -82,7 +82,7 @@ def load_example(entry: dict, folder: Path, sensitivity_cps_per_MBq: float, sett
     import numpy as np
     import torch
 
-    from .io.export import read_image
+    from .io.volume_files import read_image
     from .methods.supervised import Scan
     from .pipeline import Settings, bed_problem, bq_per_ml_factor, load_study
 

@@ -193,7 +193,7 @@ def run_dataset(n: int, out, first_seed: int = 0, seconds_per_view=CLINICAL_SECO
 
     ``seconds_per_view``: one count level, or several used in turn over the cases (seed k gets
     level k mod L), so that a network trained on the dataset sees every count level."""
-    from ..io.export import write_nrrd
+    from ..io.volume_files import write_nrrd
     from ..volume import Volume
 
     out = Path(out)

@@ -264,7 +264,8 @@ def write_results(volume: Volume, provenance: dict, study: Study, settings: Sett
                   truth: dict | None = None) -> dict:
     """Image files, provenance, preview and report, each written atomically."""
     from .atomic import write_json_atomic
-    from .io.export import write_dicom_series, write_nifti, write_nrrd
+    from .io.dicom_export import write_dicom_series
+    from .io.volume_files import write_nifti, write_nrrd
     from .report import write_preview, write_report
 
     out_dir = Path(out_dir)

@@ -15,13 +15,8 @@ from scipy.spatial.transform import Rotation
 
 from sspect.atomic import atomic_directory, atomic_path, write_json_atomic, write_text_atomic
 from sspect.errors import SSPECTError
-from sspect.io.export import (
-    read_dicom_series,
-    read_image,
-    write_dicom_series,
-    write_nifti,
-    write_nrrd,
-)
+from sspect.io.dicom_export import read_dicom_series, write_dicom_series
+from sspect.io.volume_files import read_image, write_nifti, write_nrrd
 from sspect.volume import Volume
 
 OBLIQUE = Rotation.from_euler("xyz", [10, -20, 35], degrees=True).as_matrix()

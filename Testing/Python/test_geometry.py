@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from pydicom.uid import generate_uid
 
-from sspect.io.export import read_image
+from sspect.io.volume_files import read_image
 from sspect.pipeline import Settings, load_study, reconstruct_study, write_results
 from sspect.sim.acquisition import LU177_LOWER_SCATTER, LU177_PEAK, LU177_UPPER_SCATTER, simulate_projections
 from sspect.sim.dicom_writer import write_ct_series, write_nm_tomo
-from sspect.sim.phantom import point_source_phantom
+from sspect.sim.phantoms.point_source import point_source_phantom
 
 VOXEL_MM = 8.0
 POINT_LPS = (37.0, -52.0, -171.0)  # off-centre in x and y, off the voxel grid

@@ -96,7 +96,7 @@ def test_dataset_command_writes_cases_and_a_manifest(tmp_path):
     import json
 
     from sspect.training.dataset import run_dataset
-    from sspect.io.export import read_image
+    from sspect.io.volume_files import read_image
 
     manifest_path = run_dataset(2, tmp_path, first_seed=5, workers=0, osem="iterations=2:subsets=4", config=SMALL)
     manifest = json.loads(manifest_path.read_text())

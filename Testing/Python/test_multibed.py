@@ -21,7 +21,7 @@ from sspect.methods import Events
 from sspect.pipeline import Settings, load_study, reconstruct_study
 from sspect.sim.acquisition import LU177_LOWER_SCATTER, LU177_PEAK, LU177_UPPER_SCATTER, simulate_projections
 from sspect.sim.dicom_writer import write_ct_series, write_nm_tomo
-from sspect.sim.phantom import centred_origin
+from sspect.sim.phantoms.geometry import centred_origin
 from sspect.volume import Volume
 
 VOXEL_MM = 12.0

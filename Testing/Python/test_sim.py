@@ -9,7 +9,8 @@ from sspect.errors import SSPECTError
 from sspect.sim.acquisition import (LU177_LOWER_SCATTER, LU177_PEAK, LU177_UPPER_SCATTER, WindowSpec,
                                     simulate_projections)
 from sspect.sim.dicom_writer import write_ct_series, write_demo_study, write_nm_tomo
-from sspect.sim.phantom import demo_phantom, point_source_phantom
+from sspect.sim.phantoms.demo import demo_phantom
+from sspect.sim.phantoms.point_source import point_source_phantom
 from sspect.volume import Volume
 
 pytomography_dicom = pytest.importorskip("pytomography.io.SPECT.dicom")

@@ -34,7 +34,7 @@ from sspect.errors import SSPECTError
 from sspect.volume import Volume
 
 from .acquisition import LU177_LOWER_SCATTER, LU177_PEAK, LU177_UPPER_SCATTER, WindowSpec, simulate_projections
-from .phantom import demo_phantom
+from .phantoms.demo import demo_phantom
 
 LU177_HALF_LIFE_S = 6.647 * 24 * 3600
 DEFAULT_ACQUISITION_DATETIME = datetime(2024, 5, 14, 10, 30, 0)

@@ -11,7 +11,7 @@ from pathlib import Path
 from ..atomic import file_sha256, write_json_atomic
 from ..eval.benchmark import parse_methods, progress_bar, simulate_truth
 from ..eval.harness import CLINICAL_SECONDS_PER_VIEW, HarnessConfig, PhantomSpec, build_cases, config_dict, run_cases
-from ..io.export import write_nrrd
+from ..io.volume_files import write_nrrd
 from ..volume import Volume
 
 

@@ -87,7 +87,7 @@ def load_example(entry: dict, folder: Path, sensitivity_cps_per_MBq: float, sett
     import numpy as np
     import torch
 
-    from ..io.export import read_image
+    from ..io.volume_files import read_image
     from ..pipeline import Settings, bed_problem, bq_per_ml_factor, load_study
 
     files = {key: folder / value for key, value in entry["files"].items()}

@@ -1,10 +1,6 @@
-"""Export of result volumes: NRRD and NIfTI with exact geometry, and a DICOM series for dosimetry.
+"""A result volume as a DICOM series for dosimetry tools, and such a series read back.
 
-NRRD and NIfTI go through SimpleITK, which writes NRRD in "left-posterior-superior" space and
-converts LPS to RAS for NIfTI itself; the unit travels in the NRRD key ``sspect_unit`` and in the
-NIfTI ``descrip`` field.
-
-The DICOM series is PET Image Storage (Modality PT), one file per axial slice. Why PT and not NM:
+The series is PET Image Storage (Modality PT), one file per axial slice. Why PT and not NM:
 the PET IOD is the one that carries quantitative SPECT for the tools we target (3D Slicer's scalar
 volume and PET plugins, OpenDose3D, MIM, Hermes all read PT series; PyTomography's own
 ``save_dcm`` writes PT for SPECT): it has ``Units`` (BQML, CNTS), ``DecayCorrection``,
@@ -26,19 +22,16 @@ from pathlib import Path
 import highdicom
 import numpy as np
 import pydicom
-import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, PositronEmissionTomographyImageStorage, generate_uid
 from pydicom.valuerep import DS
 
 from .. import __version__
-from ..atomic import atomic_directory, atomic_path
+from ..atomic import atomic_directory
 from ..errors import SSPECTError
 from ..volume import Volume
-
-NRRD_UNIT_KEY = "sspect_unit"
-NIFTI_UNIT_PREFIX = "sspect unit="
+from .volume_files import three_dimensional_array
 
 # Volume.unit (lower case) -> DICOM Units (0054,1001), and back.
 DICOM_UNITS = {"bq/ml": "BQML", "counts": "CNTS", "counts/voxel": "CNTS", "cps": "CPS"}
@@ -100,70 +93,6 @@ COPIED_IF_PRESENT = (
     "ManufacturerModelName",
     "DeviceSerialNumber",
 )
-
-
-# ---------------------------------------------------------------- NRRD / NIfTI
-
-
-def _three_dimensional(volume: Volume) -> np.ndarray:
-    array = np.asarray(volume.array)
-    if array.ndim != 3:
-        raise SSPECTError(f"Only 3D volumes can be exported, this one has shape {array.shape}.")
-    return array
-
-
-def _sitk_image(volume: Volume) -> sitk.Image:
-    array = _three_dimensional(volume)
-    # SimpleITK arrays are [k, j, i]; its direction is row-major with axis directions as columns.
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0), dtype=np.float32))
-    image.SetSpacing([float(s) for s in volume.spacing])
-    image.SetOrigin([float(o) for o in volume.origin])
-    image.SetDirection(np.asarray(volume.direction, dtype=float).ravel().tolist())
-    return image
-
-
-def _write_sitk(image: sitk.Image, path: str | os.PathLike, image_io: str) -> Path:
-    writer = sitk.ImageFileWriter()
-    writer.SetImageIO(image_io)
-    writer.UseCompressionOn()
-    with atomic_path(path) as temporary:
-        writer.SetFileName(str(temporary))
-        writer.Execute(image)
-    return Path(path)
-
-
-def write_nrrd(volume: Volume, path: str | os.PathLike) -> Path:
-    """Write a gzip-compressed float32 NRRD in LPS space, the unit in key ``sspect_unit``."""
-    image = _sitk_image(volume)
-    image.SetMetaData(NRRD_UNIT_KEY, volume.unit)
-    return _write_sitk(image, path, "NrrdImageIO")
-
-
-def write_nifti(volume: Volume, path: str | os.PathLike) -> Path:
-    """Write a float32 NIfTI (.nii or .nii.gz, RAS affine), the unit in the ``descrip`` field."""
-    image = _sitk_image(volume)
-    image.SetMetaData("ITK_FileNotes", f"{NIFTI_UNIT_PREFIX}{volume.unit}")  # becomes descrip
-    return _write_sitk(image, path, "NiftiImageIO")
-
-
-def read_image(path: str | os.PathLike) -> Volume:
-    """Read a NRRD or NIfTI written by this module back into a Volume (LPS), unit included."""
-    image = sitk.ReadImage(str(path), sitk.sitkFloat32)
-    unit = "counts"
-    if image.HasMetaDataKey(NRRD_UNIT_KEY):
-        unit = image.GetMetaData(NRRD_UNIT_KEY)
-    elif image.HasMetaDataKey("descrip") and image.GetMetaData("descrip").startswith(NIFTI_UNIT_PREFIX):
-        unit = image.GetMetaData("descrip")[len(NIFTI_UNIT_PREFIX):]
-    return Volume(
-        array=sitk.GetArrayFromImage(image).transpose(2, 1, 0),
-        spacing=tuple(image.GetSpacing()),
-        origin=tuple(image.GetOrigin()),
-        direction=np.array(image.GetDirection()).reshape(3, 3),
-        unit=unit,
-    )
-
-
-# ---------------------------------------------------------------- DICOM
 
 
 def _long_string(text: str) -> str:
@@ -404,7 +333,7 @@ def write_dicom_series(
     """
     metadata = dict(metadata or {})
     _check_metadata(metadata)
-    array = _three_dimensional(volume).astype(np.float64)
+    array = three_dimensional_array(volume).astype(np.float64)
     if not np.all(np.isfinite(array)):
         raise SSPECTError(
             "The volume contains NaN or infinite values, which DICOM cannot store; check the reconstruction."

@@ -76,7 +76,7 @@ enter the system sensitivity (cps/MBq; 0 keeps the image in counts) and press <i
 energy windows are chosen automatically (the window containing 208 keV, scatter windows touching
 it: TEW or DEW); untick <i>Automatic</i> to give them by index or keV range. <i>Compute table</i>
 measures every segment of a segmentation in the reconstructed images.</p>
-<p><b>Self-supervised methods</b> (dip, dip-admm, n2n, noise2inverse, dl-bpf) train a network on
+<p><b>Self-supervised methods</b> (the deep image prior, Noise2Noise-type denoisers, DL-BPF) train a network on
 this scan alone and stop by themselves on held-out counts. On a CPU choose <i>Grid: 2x2 binned</i>
 (about 8 times faster); n2n and noise2inverse also load a voxel uncertainty map (<i>... SD</i>).</p>
 <p><b>Supervised methods</b> (post-unet, unrolled-mapem) apply networks trained on simulated

@@ -20,13 +20,12 @@ import time
 from pathlib import Path
 
 OUTPUT = Path(__file__).resolve().parent / "output"
-METHODS = "osem,dip,dip-admm,n2n,noise2inverse,dl-bpf"
 REGIONS = ("lesion_liver", "lesion_node", "kidney_left", "liver")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--methods", default=METHODS)
+    parser.add_argument("--methods", default="", help="comma-separated; default: osem and every self-supervised method")
     parser.add_argument("--out", type=Path, default=OUTPUT)
     args = parser.parse_args(argv)
     import numpy as np
@@ -40,6 +39,10 @@ def main(argv=None) -> int:
     phantom = simulated["phantom"]
     truth = phantom.activity.astype(np.float64) * 1e6  # Bq/mL
     rows = []
+    if not args.methods:
+        from sspect.methods import all_methods
+
+        args.methods = ",".join(["osem"] + sorted(n for n, m in all_methods().items() if m.family == "self-supervised"))
     for method in args.methods.split(","):
         params = {"iterations": 4, "subsets": 8} if method == "osem" else {}
         settings = Settings(method=method, params=params, calibration_cps_per_MBq=simulated["sensitivity_cps_per_mbq"])

@@ -193,10 +193,10 @@ def child_method(spec: str, device: str) -> dict:
         study = load_study(DATA / "NM" / "bed1_projections.dcm", DATA / "CT", settings)
         volume, provenance = reconstruct_study(study, settings)
     info = provenance["per_bed"][0]
-    steps = info.get("stopped_at") or params.get("iterations") or params.get("steps")
+    steps = info.get("stopped_at") or params.get("steps")
     return {"total_s": time.perf_counter() - started, "method_run_time_s": provenance["method_run_time_s"],
             "steps_run": steps,
-            "best_step": info.get("best_step", info.get("best_iteration")), "stopped_at": info.get("stopped_at"),
+            "best_step": info.get("best_step"), "stopped_at": info.get("stopped_at"),
             "total_counts": float(volume.array.sum())}
 
 
@@ -250,7 +250,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="repeats of each fast projection")
     parser.add_argument("--reference-repeats", type=int, default=2, help="repeats of each PyTomography projection")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--methods", default="n2n;dip:pretrain_steps=0:iterations=10:validation_fraction=0",
+    parser.add_argument("--methods", default="n2n;dip:pretrain_steps=0:steps=10:validation_fraction=0",
                         help="method specs separated by ';', or none")
     parser.add_argument("--out", type=Path, default=OUTPUT)
     parser.add_argument("--child", nargs="+")

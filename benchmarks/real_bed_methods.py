@@ -49,7 +49,7 @@ def run_one(spec: str, binning: int, out: Path) -> dict:
     per_bed = result["provenance"]["per_bed"][0]
     return {"method": label, "seconds": round(seconds, 1), "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "total_counts": float(image.sum()), "shape": list(image.shape), "files": result["files"],
-            "stopped": {k: per_bed[k] for k in ("best_step", "stopped_at", "best_iteration") if k in per_bed},
+            "stopped": {k: per_bed[k] for k in ("best_step", "stopped_at") if k in per_bed},
             "uncertainty": "uncertainty" in result["files"], "finite": bool(np.isfinite(image).all())}
 
 

@@ -154,7 +154,7 @@ def test_short_labels_name_what_differs_between_methods():
     from sspect.eval.report import short_label
 
     assert short_label("bsrem beta=0.3 iterations=6 subsets=6") == "bsrem 6x6 beta=0.3"
-    assert short_label("dip features=16 iterations=300 seed=0") == "dip"
+    assert short_label("dip features=16 steps=300 seed=0") == "dip"
     assert short_label("n2n domain=projection seed=0") == "n2n projection"
     assert short_label("dl-bpf weights=/w.safetensors") == "dl-bpf pretrained"
 

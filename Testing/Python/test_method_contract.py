@@ -95,8 +95,9 @@ def test_the_image_is_in_counts_per_voxel_of_the_full_acquisition(name, runs, pr
     assert image.shape == tuple(problem_for(method).object_meta.shape) and image.dtype == np.float32
     assert np.all(np.isfinite(image))
     total = osem_totals["supervised" if method.family == "supervised" else "other"]
-    # a few steps from a start image: near OSEM's total, and a lost factor (a half, the held-out share squared) would show
-    assert 0.6 < float(image.sum()) / total < 1.5
+    # after a few steps from its start a network is not yet near OSEM's total (each method's own tests check it to a
+    # few per cent at its defaults), but another unit (Bq/mL, the training share's scale squared, a sum of halves) shows
+    assert 0.5 < float(image.sum()) / total < 2
     json.dumps(runs[name]["result"].info)
 
 

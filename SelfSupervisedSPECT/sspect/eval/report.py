@@ -18,7 +18,7 @@ def short_label(method: str) -> str:
     name, *pairs = method.split()
     params = dict(pair.split("=", 1) for pair in pairs)
     label = name
-    if "subsets" in params:  # classical methods; for networks "iterations" is only a cap on training steps
+    if "subsets" in params:  # OSEM-type methods; a network's steps are only a cap
         label += f" {params.get('iterations', '?')}x{params['subsets']}"
     if "beta" in params:
         label += f" beta={params['beta']}"

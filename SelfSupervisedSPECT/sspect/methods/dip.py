@@ -22,12 +22,7 @@ from .toolkit.inputs import prior_input, short_osem
 from .toolkit.networks import Padding, describe, image_scale, unet
 from .toolkit.objectives import fit_likelihood, fit_to_image
 
-PARAMS = (
-    parameters.steps(300, "Maximum number of optimiser steps on the likelihood"),
-    parameters.learning_rate(0.003),
-    parameters.VALIDATION_FRACTION,
-    parameters.validation_interval(5),
-    parameters.patience(10),
+PARAMS = parameters.stopped_training(300, 0.003, 5, 10, "Maximum number of optimiser steps on the likelihood") + (
     parameters.pretrain_steps(200),
     parameters.features(16),
     parameters.SEED,

@@ -74,12 +74,8 @@ FORMAT = "sspect-dl-bpf/1"
 # Pretrained with `sspect pretrain` (defaults) on four simulated torso scans; see docs/self-supervised-report.
 SHIPPED_WEIGHTS = WEIGHTS_FOLDER / "dl_bpf_lu177_megp_8.8mm.safetensors"
 
-PARAMS = (
-    parameters.steps(300, "Maximum number of optimiser steps on the likelihood for a network trained on this scan only"),
-    parameters.learning_rate(0.003),
-    parameters.VALIDATION_FRACTION,
-    parameters.validation_interval(5),
-    parameters.patience(10),
+PARAMS = parameters.stopped_training(
+    300, 0.003, 5, 10, "Maximum number of optimiser steps on the likelihood for a network trained on this scan only") + (
     parameters.features(16),
     parameters.pretrain_steps(200),
     Param("ct_input", bool, True, "Give the network the attenuation map as a second input channel when there is a CT"),

@@ -25,15 +25,8 @@ from .toolkit.inputs import osem
 from .toolkit.losses import held_out_nll, mean_squared_error
 from .toolkit.networks import Padding, describe, image_scale, unet
 
-PARAMS = parameters.osem_params(20, 4) + (
-    parameters.steps(300, "Maximum number of optimiser steps of the denoiser"),
-    parameters.learning_rate(0.0003),
-    parameters.features(8),
+PARAMS = parameters.denoiser_params() + (
     Param("gamma", float, 2.0, "Weight of the regulariser for the signal difference between neighbouring pixels", 0.0, 100.0),
-    parameters.VALIDATION_FRACTION,
-    parameters.validation_interval(25),
-    parameters.patience(4),
-    parameters.SEED,
 )
 TRAINING_SHARE = 0.9  # of the progress; the OSEM of the denoised projections takes the rest
 

@@ -73,18 +73,6 @@ RECONSTRUCTION_SHARE = 0.3  # progress fraction given to the reconstructions bef
 APPLY_SHARE = 0.05  # and to the reconstructions after it
 
 
-def _common_params() -> tuple[Param, ...]:
-    return parameters.osem_params(20, 4) + (
-        parameters.steps(300, "Maximum number of optimiser steps of the denoiser"),
-        parameters.learning_rate(0.0003),
-        parameters.features(8),
-        parameters.VALIDATION_FRACTION,
-        parameters.validation_interval(25),
-        parameters.patience(4),
-        parameters.SEED,
-    )
-
-
 class Reconstructions:
     """Runs a known number of OSEM reconstructions, reporting progress over ``[start, start + share]``."""
 
@@ -123,7 +111,7 @@ def train_denoiser(network, inputs, targets, padding: Padding, params, events: E
 
 
 N2N_PARAMS = (Param("domain", str, "image", "Where the denoiser works: on OSEM images of the halves or on the projections",
-                    choices=("image", "projection")),) + _common_params()
+                    choices=("image", "projection")),) + parameters.denoiser_params()
 
 
 def run_n2n(problem, params, events: Events) -> Result:
@@ -195,7 +183,7 @@ def run_n2n(problem, params, events: Events) -> Result:
 
 
 N2I_PARAMS = (Param("splits", int, 2, "Number K of interleaved view subsets (view j goes to subset j mod K)", 2, 16),) \
-    + _common_params()
+    + parameters.denoiser_params()
 
 
 def run_noise2inverse(problem, params, events: Events) -> Result:

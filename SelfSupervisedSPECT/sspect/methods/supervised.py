@@ -45,6 +45,7 @@ from pathlib import Path
 from ..errors import SSPECTError
 from . import Events, Method, Param, Result, register
 from .toolkit.counts import scatter_or_zeros
+from .toolkit.fitting import reproducible
 from .toolkit.inputs import ct_channel, start_image
 from .toolkit.networks import Padding, inverse_softplus, unet
 from .toolkit.weights import ISOTOPE, PHOTOPEAK_KEV, WEIGHTS_FOLDER, check_study, load_state, read_weights, \
@@ -204,7 +205,8 @@ def _runner(kind: str):
         import torch
 
         path = resolve_weights(params["weights"], SHIPPED[kind])
-        model, description = load_model(path, kind, problem)
+        with reproducible(problem.device, 0):  # building the network draws initial weights, replaced by the file's
+            model, description = load_model(path, kind, problem)
         start = description["start_osem"]
         events.progress(0.0, f"start image: OSEM {start['iterations']} x {start['subsets']}", stage="start")
         scan = Scan(problem, start["iterations"], start["subsets"], description["architecture"]["in_channels"] == 2)

@@ -44,3 +44,16 @@ def osem_params(iterations: int, subsets: int) -> tuple[Param, ...]:
     """The OSEM reconstructions a denoiser works on."""
     return (Param("iterations", int, iterations, "OSEM iterations of every reconstruction the method makes", 1, 200),
             Param("subsets", int, subsets, "OSEM subsets of every reconstruction (capped at the views it has)", 1, 64))
+
+
+def stopped_training(steps_default: int, learning_rate_default: float, interval_default: int, patience_default: int,
+                     what: str) -> tuple[Param, ...]:
+    """A network's optimiser steps, stopped on held-out counts: steps, learning rate, hold-out, checks and patience."""
+    return (steps(steps_default, what), learning_rate(learning_rate_default), VALIDATION_FRACTION,
+            validation_interval(interval_default), patience(patience_default))
+
+
+def denoiser_params() -> tuple[Param, ...]:
+    """A per-scan denoiser of OSEM images or projections (n2n, noise2inverse, neighbor2neighbor)."""
+    return osem_params(20, 4) + stopped_training(300, 0.0003, 25, 4, "Maximum number of optimiser steps of the denoiser") \
+        + (features(8), SEED)

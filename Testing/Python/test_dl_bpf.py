@@ -21,7 +21,6 @@ from sspect.eval.metrics import nrmse
 from sspect.methods import Cancelled, Events, all_methods, get_method
 from sspect.methods.dl_bpf import backprojection_image, load_network, pretrain
 from sspect.pipeline import Settings, bed_problem, load_study
-from sspect.physics.system import build_problem
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -143,7 +142,7 @@ def test_should_stop_cancels_dl_bpf(problem, warm_start_steps, stage, stop_after
 
 
 def test_dl_bpf_without_ct_has_one_input_channel(study):
-    without_ct = build_problem(study.beds[0], study.windows, None, study.collimator, "cpu")
+    without_ct = bed_problem(dataclasses.replace(study, ct=None), device="cpu")
     events = []
     result = get_method("dl-bpf").reconstruct(without_ct, TINY, Events(events.append))
     assert result.info["input"] == "back projection" and "1 input channel" in result.info["network"]
@@ -223,7 +222,7 @@ def test_a_network_that_does_not_fit_is_refused(pretrained, problem, study, tmp_
     method = get_method("dl-bpf")
     with pytest.raises(SSPECTError, match="4 features and 2 input channel.*asks for 8"):
         method.reconstruct(problem, {"features": 8, "weights": path, "fine_tune_steps": 0})
-    without_ct = build_problem(study.beds[0], study.windows, None, study.collimator, "cpu")
+    without_ct = bed_problem(dataclasses.replace(study, ct=None), device="cpu")
     with pytest.raises(SSPECTError, match="ct_input = true"):
         method.reconstruct(without_ct, {"features": 4, "weights": path, "fine_tune_steps": 0})
     coarser = _simulated_problem(tmp_path / "coarse", 4, 20.0, shape=(16, 16, 16), voxel_mm=24.0)

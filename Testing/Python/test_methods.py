@@ -7,6 +7,7 @@ hundred times longer (0.2 s against 27 s measured). The numbers do not depend on
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -17,8 +18,7 @@ from scipy.ndimage import binary_dilation, binary_erosion
 
 from sspect.errors import SSPECTError
 from sspect.methods import Cancelled, Events, all_methods, get_method
-from sspect.physics.system import build_problem
-from sspect.pipeline import Settings, reconstruct_study
+from sspect.pipeline import Settings, bed_problem, reconstruct_study
 
 PRIOR_PARAMS = {"beta", "gamma", "ct_weights", "ct_neighbours"}
 EXPECTED_PARAMS = {
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def problem_without_ct(study):
-    return build_problem(study.beds[0], study.windows, None, study.collimator, "cpu")
+    return bed_problem(dataclasses.replace(study, ct=None), device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ def simulate(seconds_per_view, realisations, folder):
     from sspect.physics.isotopes import LUTETIUM_177
     from sspect.sim.acquisition import draw_counts, simulate_projections
     from sspect.sim.dicom_writer import hu_to_mu, write_ct_series, write_nm_tomo
-    from sspect.sim.phantom import torso_phantom
+    from sspect.sim.phantoms.torso import torso_phantom
 
     fine = torso_phantom(seed=0, voxel_mm=VOXEL_MM / 2, shape=tuple(2 * n for n in SHAPE))
     coarse = torso_phantom(seed=0, voxel_mm=VOXEL_MM, shape=SHAPE)

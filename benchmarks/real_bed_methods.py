@@ -34,7 +34,7 @@ def run_one(spec: str, binning: int, out: Path) -> dict:
     import torch
 
     from sspect.eval.benchmark import parse_methods
-    from sspect.io.export import read_image
+    from sspect.io.volume_files import read_image
     from sspect.pipeline import Settings, run
 
     torch.set_num_threads(1)
@@ -96,7 +96,7 @@ def _plot(rows: list[dict], path: Path, reference) -> None:
     import numpy as np
 
     from sspect.io.ct import read_ct_series, resample
-    from sspect.io.export import read_image
+    from sspect.io.volume_files import read_image
 
     images = {row["method"]: read_image(row["files"]["nrrd"]) for row in rows}
     grid = next(iter(images.values()))

@@ -109,3 +109,9 @@ def write_json_atomic(path: str | os.PathLike, obj, *, indent: int = 2) -> Path:
     """Write ``obj`` as JSON atomically; serialisation errors happen before any file is touched."""
     text = json.dumps(obj, indent=indent, ensure_ascii=False) + "\n"
     return write_text_atomic(path, text)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

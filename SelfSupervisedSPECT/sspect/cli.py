@@ -163,7 +163,7 @@ def command_benchmark(args) -> int:
 
 
 def command_dataset(args) -> int:
-    from .eval.benchmark import run_dataset
+    from .training.dataset import run_dataset
 
     from .eval.harness import grid_config
 
@@ -174,11 +174,11 @@ def command_dataset(args) -> int:
 
 
 def command_pretrain(args) -> int:
-    from .eval.benchmark import pretrain_dl_bpf
+    from .training.dl_bpf import pretrain_dl_bpf
     from .eval.harness import grid_config
 
     command = "sspect " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["pretrain"] else "sspect pretrain"
-    metadata = pretrain_dl_bpf(args.phantoms, args.seconds, args.out, args.steps, args.warm_start_steps, args.features,
+    metadata = pretrain_dl_bpf(args.phantoms, args.seconds, args.out, args.steps, args.pretrain_steps, args.features,
                                args.seed, grid_config(args.grid), command)
     print(f"Network written: {args.out} (voxel {metadata['voxel_mm']} mm, sha256 {metadata['sha256'][:12]}...)")
     return 0
@@ -188,7 +188,7 @@ def command_train(args) -> int:
     import os
 
     from .methods import Events
-    from .training import TrainSettings, train
+    from .training.supervised import TrainSettings, train
 
     command = "sspect " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["train"] else "sspect train"
     settings = TrainSettings(kind=args.kind, steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--seconds", default="10,40,160", help="count levels (s/view), used in turn over the phantoms")
     pre.add_argument("--grid", default="coarse", choices=("standard", "coarse"), help="as for `sspect benchmark`")
     pre.add_argument("--steps", type=int, default=1200, help="likelihood steps (one scan a step)")
-    pre.add_argument("--warm-start-steps", type=int, default=800, help="steps fitting each scan's short OSEM first")
+    pre.add_argument("--pretrain-steps", type=int, default=800, help="steps fitting each scan's short OSEM first")
     pre.add_argument("--features", type=int, default=16)
     pre.add_argument("--seed", type=int, default=0)
     pre.add_argument("--out", required=True, help="the .safetensors file to write")

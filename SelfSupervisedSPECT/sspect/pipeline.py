@@ -314,7 +314,8 @@ def write_results(volume: Volume, provenance: dict, study: Study, settings: Sett
                   truth: dict | None = None) -> dict:
     """Image files, provenance, preview and report, each written atomically."""
     from .atomic import write_json_atomic
-    from .io.export import write_dicom_series, write_nifti, write_nrrd
+    from .io.dicom_export import write_dicom_series
+    from .io.volume_files import write_nifti, write_nrrd
     from .report import write_preview, write_report
 
     out_dir = Path(out_dir)
@@ -340,7 +341,7 @@ def write_results(volume: Volume, provenance: dict, study: Study, settings: Sett
         first = study.beds[0]
         write_dicom_series(volume, files["dicom"], reference_nm_path=first.path, overwrite=True, metadata={
             "reconstruction_method": f"{provenance['method_title']} ({', '.join(f'{k}={v}' for k, v in provenance['params'].items())})",
-            "corrections": provenance["corrections"],
+            "corrections": provenance["corrections"], "radionuclide": study.isotope.radionuclide_metadata(),
             "acquisition_duration_s": first.frame_duration_s * first.n_views / max(first.n_detectors, 1)},
             series_description=f"sspect {name} [{volume.unit}]")
     files["preview"] = str(out_dir / f"{name}_preview.png")

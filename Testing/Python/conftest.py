@@ -101,7 +101,7 @@ def noisy_problem(problem):
     dominates; images of it are on a scale 1/NOISY_SHARE smaller (``noisy_to_mbq_per_ml``)."""
     import dataclasses
 
-    from sspect.methods.self_supervised import split_counts
+    from sspect.methods.toolkit.counts import split_counts
 
     kept, _ = split_counts(problem.projections, 1 - NOISY_SHARE, seed=7)
     return dataclasses.replace(problem, projections=kept, scatter=problem.scatter * NOISY_SHARE)
@@ -110,3 +110,21 @@ def noisy_problem(problem):
 @pytest.fixture(scope="module")
 def noisy_to_mbq_per_ml(to_mbq_per_ml):
     return to_mbq_per_ml / NOISY_SHARE
+
+
+@pytest.fixture(scope="session")
+def coarse_torso(tmp_path_factory):
+    """A torso on the coarse harness grid (8.8 mm, the shipped networks' grid) that they never saw (seed 7; trained
+    on seeds 1000-1031), 40 s/view: its problem, truth (MBq/mL) and the factor from counts per voxel to MBq/mL."""
+    import contextlib
+    import io
+
+    from sspect.eval.harness import GRIDS, PhantomSpec, training_problems
+    from sspect.pipeline import bq_per_ml_factor
+
+    config, spec, seconds = GRIDS["coarse"], PhantomSpec("torso", seed=7), 40.0
+    with contextlib.redirect_stdout(io.StringIO()):
+        (problem,) = training_problems([spec], config, seconds, tmp_path_factory.mktemp("coarse_torso"))
+    voxel_ml = (config.voxel_mm / 10) ** 3
+    to_mbq_per_ml = bq_per_ml_factor(config.sensitivity_cps_per_MBq, seconds, voxel_ml) / 1e6
+    return {"problem": problem, "truth": spec.build(config).activity, "to_mbq_per_ml": to_mbq_per_ml}

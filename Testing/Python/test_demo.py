@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 
 from sspect.cli import main
-from sspect.io.export import read_image
+from sspect.io.volume_files import read_image
 
 
 def test_demo_writes_image_preview_provenance_and_report(tmp_path, capsys):

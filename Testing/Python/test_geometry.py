@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from pydicom.uid import generate_uid
 
-from sspect.io.export import read_image
+from sspect.io.volume_files import read_image
 from sspect.pipeline import Settings, load_study, reconstruct_study, write_results
 from sspect.physics.isotopes import LUTETIUM_177
 from sspect.sim.acquisition import simulate_projections
 from sspect.sim.dicom_writer import write_ct_series, write_nm_tomo
-from sspect.sim.phantom import point_source_phantom
+from sspect.sim.phantoms.point_source import point_source_phantom
 
 LU208 = LUTETIUM_177.photopeak(208.0)
 

@@ -95,8 +95,8 @@ def test_dataset_command_writes_cases_and_a_manifest(tmp_path):
     import hashlib
     import json
 
-    from sspect.eval.benchmark import run_dataset
-    from sspect.io.export import read_image
+    from sspect.training.dataset import run_dataset
+    from sspect.io.volume_files import read_image
 
     manifest_path = run_dataset(2, tmp_path, first_seed=5, workers=0, osem="iterations=2:subsets=4", config=SMALL)
     manifest = json.loads(manifest_path.read_text())
@@ -163,14 +163,14 @@ def test_pretrain_command_trains_on_simulated_scans_and_records_them(tmp_path):
     """`sspect pretrain`'s work: harness scans (no truth) -> a DL-BPF network whose header names its data."""
     import json
 
-    from sspect.eval.benchmark import pretrain_dl_bpf
+    from sspect.training.dl_bpf import pretrain_dl_bpf
     from sspect.eval.harness import training_problems
 
     problems = training_problems(parse_phantoms("torso1,torso2"), SMALL, [5.0, 20.0], tmp_path / "scans")
     totals = [float(p.projections.sum()) for p in problems]
     assert all(p.object_meta.dr[0] * 10 == pytest.approx(SMALL.voxel_mm) for p in problems) and totals[1] > 2 * totals[0]
-    metadata = pretrain_dl_bpf("torso1,torso2", "5,20", tmp_path / "net.safetensors", steps=2, warm_start_steps=2,
+    metadata = pretrain_dl_bpf("torso1,torso2", "5,20", tmp_path / "net.safetensors", steps=2, pretrain_steps=2,
                                features=4, config=SMALL, command="sspect pretrain --test")
-    data = json.loads(metadata["training"])["data"]
+    data = metadata["training"]["data"]
     assert data["phantoms"] == ["torso1", "torso2"] and data["seconds_per_view"] == [5.0, 20.0]
     assert data["command"] == "sspect pretrain --test" and (tmp_path / "net.safetensors").stat().st_size > 0

@@ -226,14 +226,6 @@ def test_progress_reaches_one(problem, method):
     assert [(e["iteration"], e["subset"]) for e in progress] == [(i, s) for i in (1, 2) for s in (1, 2, 3)]
 
 
-@pytest.mark.parametrize("method", ["osem", "bsrem"])
-def test_should_stop_cancels_the_method(problem, method, stop_after):
-    events, seen = stop_after(2)
-    with pytest.raises(Cancelled):
-        get_method(method).reconstruct(problem, {"iterations": 3, "subsets": 4}, events)
-    assert len(seen) == 2
-
-
 def test_should_stop_cancels_through_the_pipeline(study, stop_after):
     """The caller's should_stop must reach the method when the pipeline wraps the events per bed."""
     events, seen = stop_after(2)

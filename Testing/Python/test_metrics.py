@@ -10,7 +10,8 @@ from sspect.eval.metrics import (activity_error_percent, background_cov, backgro
                                  bias_variance_curve, coefficient_of_variation, contrast_recovery, evaluate,
                                  nrmse, recovery_coefficient, region_activity, region_masks, ssim,
                                  total_activity_error_percent)
-from sspect.sim.phantom import Phantom, demo_phantom
+from sspect.sim.phantoms.demo import demo_phantom
+from sspect.sim.phantoms.geometry import Phantom
 
 SHAPE = (16, 16, 16)
 

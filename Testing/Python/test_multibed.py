@@ -22,7 +22,7 @@ from sspect.pipeline import Settings, load_study, reconstruct_study
 from sspect.physics.isotopes import LUTETIUM_177
 from sspect.sim.acquisition import simulate_projections
 from sspect.sim.dicom_writer import write_ct_series, write_nm_tomo
-from sspect.sim.phantom import centred_origin
+from sspect.sim.phantoms.geometry import centred_origin
 from sspect.volume import Volume
 
 LU208 = LUTETIUM_177.photopeak(208.0)

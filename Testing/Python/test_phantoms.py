@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from sspect.errors import SSPECTError
-from sspect.sim.phantom import (ACQUISITION_177LU, NEMA_SPHERE_DIAMETERS_MM, REAL_GE_STUDY_PHOTOPEAK_COUNTS,
-                                TORSO_GROUPS, TORSO_REGION_NAMES, TORSO_UPTAKE, nema_iec_phantom,
-                                realistic_counts_scale, sphere_occupancy, torso_phantom)
+from sspect.sim.acquisition import ACQUISITION_177LU, REAL_GE_STUDY_PHOTOPEAK_COUNTS, realistic_counts_scale
+from sspect.sim.phantoms.geometry import sphere_occupancy
+from sspect.sim.phantoms.nema import NEMA_SPHERE_DIAMETERS_MM, nema_iec_phantom
+from sspect.sim.phantoms.torso import TORSO_GROUPS, TORSO_REGION_NAMES, TORSO_UPTAKE, torso_phantom
 
 VOXEL = 4.4196  # the real study's pixel
 COARSE = 2 * VOXEL

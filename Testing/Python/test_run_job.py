@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sspect.io.export import read_dicom_series, read_image
+from sspect.io.dicom_export import read_dicom_series
+from sspect.io.volume_files import read_image
 
 GOOD_PARAMS = {"iterations": 2, "subsets": 4}
 

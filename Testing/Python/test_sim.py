@@ -9,7 +9,8 @@ from sspect.errors import SSPECTError
 from sspect.physics.isotopes import LUTETIUM_177, EnergyRange
 from sspect.sim.acquisition import simulate_projections
 from sspect.sim.dicom_writer import write_ct_series, write_demo_study, write_nm_tomo
-from sspect.sim.phantom import demo_phantom, point_source_phantom
+from sspect.sim.phantoms.demo import demo_phantom
+from sspect.sim.phantoms.point_source import point_source_phantom
 from sspect.volume import Volume
 
 LU208 = LUTETIUM_177.photopeak(208.0)

@@ -206,7 +206,7 @@ def test_result_lands_with_truth_geometry_and_units(study):
     np.testing.assert_allclose(bounds[0::2], corners[:, :3].min(axis=0), atol=1e-3)
     np.testing.assert_allclose(bounds[1::2], corners[:, :3].max(axis=0), atol=1e-3)
 
-    from sspect.io.export import read_image
+    from sspect.io.volume_files import read_image
     written = read_image(study["run"].result["files"]["nrrd"])
     np.testing.assert_allclose(slicer.util.arrayFromVolume(result).transpose(2, 1, 0), written.array, rtol=1e-6)
     assert written.unit == "Bq/mL"
@@ -261,7 +261,7 @@ def test_uncertainty_map_and_binned_grid_arrive_with_the_image(study, logic):
     assert values.shape == spread.shape == (16, 16, 16)  # 32^3 study binned 2x2
     assert np.all(spread >= 0) and 0 < spread.mean() < values.mean()
     np.testing.assert_array_equal(_matrix(sd), _matrix(image))
-    from sspect.io.export import read_image
+    from sspect.io.volume_files import read_image
     np.testing.assert_allclose(spread, read_image(run.result["files"]["uncertainty"]).array.transpose(2, 1, 0))
     # leave the shared scene as the other tests expect it: the OSEM result fused with the CT
     for node in (image, sd):

@@ -22,10 +22,10 @@ import torch
 from sspect.errors import SSPECTError
 from sspect.eval.harness import HarnessConfig
 from sspect.methods import Cancelled, Events, get_method
-from sspect.methods.projector import back_project, back_project_differentiable
+from sspect.physics.differentiable import back_project, back_project_differentiable
 from sspect.methods.supervised import KINDS, build_model
 from sspect.pipeline import Settings, bed_problem, load_study
-from sspect.training import TrainSettings, batch_indices, train
+from sspect.training.supervised import TrainSettings, batch_indices, train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -36,7 +36,7 @@ TINY = dict(steps=8, batch_size=2, features=4, validation_cases=1, validation_in
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    from sspect.eval.benchmark import run_dataset
+    from sspect.training.dataset import run_dataset
 
     folder = tmp_path_factory.mktemp("dataset")
     run_dataset(3, folder, first_seed=5, seconds_per_view=[20.0, 80.0], workers=0, osem="iterations=2:subsets=4",
@@ -273,19 +273,6 @@ def test_training_refuses_bad_requests_in_one_sentence(dataset, runs, tmp_path):
 # ---------------------------------------------------------------- the shipped networks
 
 
-@pytest.fixture(scope="module")
-def unseen_torso(tmp_path_factory):
-    """A torso the shipped networks never saw (seed 7; they were trained on seeds 1000-1031), 40 s/view, on their grid."""
-    from sspect.eval.harness import GRIDS, PhantomSpec, training_problems
-    from sspect.pipeline import bq_per_ml_factor
-
-    config, spec, seconds = GRIDS["coarse"], PhantomSpec("torso", seed=7), 40.0
-    (problem,) = training_problems([spec], config, seconds, tmp_path_factory.mktemp("unseen"))
-    voxel_ml = (config.voxel_mm / 10) ** 3
-    to_mbq_per_ml = bq_per_ml_factor(config.sensitivity_cps_per_MBq, seconds, voxel_ml) / 1e6
-    return {"problem": problem, "truth": spec.build(config).activity, "to_mbq_per_ml": to_mbq_per_ml}
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_shipped_network_is_small_described_and_verified(kind):
     from sspect.methods.supervised import SHIPPED
@@ -304,10 +291,10 @@ def test_shipped_network_is_small_described_and_verified(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_shipped_network_beats_its_osem_start_on_a_torso_it_never_saw(kind, unseen_torso):
+def test_shipped_network_beats_its_osem_start_on_a_torso_it_never_saw(kind, coarse_torso):
     from sspect.eval.metrics import nrmse
 
-    problem, truth, scale = unseen_torso["problem"], unseen_torso["truth"], unseen_torso["to_mbq_per_ml"]
+    problem, truth, scale = coarse_torso["problem"], coarse_torso["truth"], coarse_torso["to_mbq_per_ml"]
     result = get_method(kind).reconstruct(problem, {})
     start = get_method("osem").reconstruct(problem, {"iterations": 4, "subsets": 6}).image
     assert result.info["matrix_seen_in_training"] and result.info["start_osem"] == {"iterations": 4, "subsets": 6}

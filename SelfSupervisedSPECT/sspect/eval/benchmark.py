@@ -1,7 +1,6 @@
-"""`sspect benchmark` and `sspect dataset`: the harness from the command line."""
+"""`sspect benchmark`: the harness from the command line."""
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import sys
@@ -41,7 +40,7 @@ def parse_methods(text: str) -> list[tuple[str, dict]]:
     return methods
 
 
-def _progress(total: int, unit: str = "case"):
+def progress_bar(total: int, unit: str = "case"):
     from tqdm import tqdm
 
     bar = tqdm(total=total, unit=unit, file=sys.stderr)
@@ -61,7 +60,7 @@ def run_benchmark(phantoms: str, seconds: str, methods: str, realisations: int, 
     keep = CLINICAL_SECONDS_PER_VIEW if CLINICAL_SECONDS_PER_VIEW in levels else levels[len(levels) // 2]
     cases = build_cases(parse_phantoms(phantoms), levels, parse_methods(methods), realisations, keep_images_at=keep)
     write_json_atomic(out / "config.json", config_dict(config))  # so --from-csv redraws with the same grid
-    bar, show_progress = _progress(len(cases))
+    bar, show_progress = progress_bar(len(cases))
     done = []
 
     def on_done(result):
@@ -184,88 +183,3 @@ def _region_means(phantom) -> dict:
     from .metrics import region_masks
 
     return {name: float(phantom.activity[mask].mean()) for name, mask in region_masks(phantom).items()}
-
-
-def run_dataset(n: int, out, first_seed: int = 0, seconds_per_view=CLINICAL_SECONDS_PER_VIEW,
-                workers: int = 2, scheduler: str | None = None, osem: str = "iterations=4:subsets=6",
-                config: HarnessConfig | None = None) -> Path:
-    """N torso cases (truth, labels, CT, simulated NM DICOM, OSEM image) and a manifest for training.
-
-    ``seconds_per_view``: one count level, or several used in turn over the cases (seed k gets
-    level k mod L), so that a network trained on the dataset sees every count level."""
-    from ..io.export import write_nrrd
-    from ..volume import Volume
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    config = config or HarnessConfig()
-    methods = parse_methods(f"osem:{osem}" if osem else "osem")
-    levels = list(seconds_per_view) if isinstance(seconds_per_view, (list, tuple)) else [seconds_per_view]
-    cases = [case for k, seed in enumerate(range(first_seed, first_seed + n))
-             for case in build_cases([PhantomSpec("torso", seed=seed)], [levels[k % len(levels)]], methods, 1,
-                                     keep_images_at=levels[k % len(levels)])]
-    bar, on_done = _progress(len(cases))
-    try:
-        results = run_cases(cases, config, out / "studies", workers, scheduler, on_done)
-    finally:
-        bar.close()
-    entries = []
-    for result in results:
-        truth = simulate_truth(result.case.phantom, config)
-        folder = out / "studies" / result.case.name
-        files = {"nm": folder / "NM" / "projections.dcm", "ct": folder / "CT",
-                 "truth": folder / "truth_MBq_per_mL.nrrd", "labels": folder / "labels.nrrd", "osem": folder / "osem_MBq_per_mL.nrrd"}
-        write_nrrd(truth.activity_volume, files["truth"])
-        write_nrrd(Volume(truth.labels.astype("float32"), truth.spacing, truth.origin, unit="label"), files["labels"])
-        (label, image), = result.images.items()
-        write_nrrd(Volume(image, truth.spacing, truth.origin, unit="MBq/mL"), files["osem"])
-        entries.append({"case": result.case.name, "phantom_seed": result.case.phantom.seed,
-                        "seconds_per_view": result.case.seconds_per_view, "noise_seed": result.case.realisation,
-                        "reconstruction": label, "label_names": truth.label_names,
-                        "files": {k: str(v.relative_to(out)) for k, v in files.items()},
-                        "sha256": {k: file_sha256(v) for k, v in files.items() if v.is_file()},
-                        "metrics_osem": result.rows[0]})
-    manifest = {"config": config_dict(config), "n": len(entries), "cases": entries}
-    write_json_atomic(out / "manifest.json", manifest)
-    return out / "manifest.json"
-
-
-def pretrain_dl_bpf(phantoms: str, seconds: str, out, steps: int, warm_start_steps: int, features: int = 16,
-                    seed: int = 0, config: HarnessConfig | None = None, command: str = "sspect pretrain") -> dict:
-    """Pretrain a DL-BPF network on simulated scans (no truth used) and save it as safetensors.
-
-    The scans are the harness's: phantoms drawn twice finer, projected with attenuation,
-    collimator response and scatter, Poisson counts written as DICOM and read back.
-    """
-    import tempfile
-
-    from ..methods import Events
-    from ..methods.dl_bpf import pretrain
-    from .harness import training_problems
-
-    config = config or HarnessConfig()
-    specs = parse_phantoms(phantoms)
-    levels = [float(s) for s in seconds.split(",")]
-    levels = [levels[i % len(levels)] for i in range(len(specs))]  # count levels in turn over the phantoms
-    bar, _ = _progress(warm_start_steps + steps, unit="step")
-    with tempfile.TemporaryDirectory() as work:
-        problems = training_problems(specs, config, levels, work)
-
-        def on_event(event):
-            if event.get("event") == "progress":
-                bar.n = event.get("step", bar.n)
-                bar.set_postfix_str(f"{event.get('stage')} loss {event.get('loss', 0):.4g}")
-                bar.refresh()
-
-        try:
-            data = {"phantoms": [spec.name for spec in specs], "seconds_per_view": levels, "grid": config_dict(config),
-                    "command": command}
-            return pretrain(problems, out, steps, seed, features, warm_start_steps=warm_start_steps,
-                            collimator=config.collimator_code, events=Events(on_event), training_data=data)
-        finally:
-            bar.close()
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-

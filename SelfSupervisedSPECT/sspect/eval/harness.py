@@ -34,15 +34,16 @@ class PhantomSpec:
 
     def build(self, config: "HarnessConfig", oversample: int = 1):
         """The phantom on the reconstruction grid, or ``oversample`` times finer (same field of view)."""
-        from ..sim import phantom
+        from ..sim.phantoms.nema import nema_iec_phantom
+        from ..sim.phantoms.torso import torso_phantom
 
         voxel_mm = config.voxel_mm / oversample
         if self.kind == "nema":
-            return phantom.nema_iec_phantom(voxel_mm=voxel_mm, sphere_to_background=self.ratio,
-                                            shape=tuple(n * oversample for n in config.nema_shape))
+            return nema_iec_phantom(voxel_mm=voxel_mm, sphere_to_background=self.ratio,
+                                    shape=tuple(n * oversample for n in config.nema_shape))
         if self.kind == "torso":
-            return phantom.torso_phantom(seed=self.seed, voxel_mm=voxel_mm,
-                                         shape=tuple(n * oversample for n in config.torso_shape))
+            return torso_phantom(seed=self.seed, voxel_mm=voxel_mm,
+                                 shape=tuple(n * oversample for n in config.torso_shape))
         raise SSPECTError(f"Unknown phantom '{self.kind}'; choose nema or torso.")
 
 

@@ -153,9 +153,10 @@ def all_methods() -> dict[str, Method]:
 
 
 def _load_builtin_methods() -> None:
-    from . import classical  # noqa: F401  (registers on import)
-    from . import self_supervised  # noqa: F401  (dip; imports torch and MONAI only when it runs)
-    from . import dip_admm  # noqa: F401  (dip-admm: the ADMM form on PyTomography's DIPRecon)
-    from . import splitting  # noqa: F401  (n2n, noise2inverse; torch and MONAI imported when they run)
-    from . import dl_bpf  # noqa: F401  (dl-bpf; imports torch, MONAI and safetensors only when it runs)
-    from . import supervised  # noqa: F401  (post-unet, unrolled-mapem: trained networks shipped with the engine)
+    """Import every method module of this package (each registers its methods): a new method is one new file."""
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.iter_modules(__path__):
+        if not module.ispkg:
+            importlib.import_module(f"{__name__}.{module.name}")

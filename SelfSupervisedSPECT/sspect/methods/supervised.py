@@ -14,7 +14,7 @@ Two methods, both starting from the same short OSEM image ``x0`` of the scan (Py
   and ``c = x A^T(y / (A x + s))`` is ``x+ = (-(S - beta_k u) + sqrt((S - beta_k u)^2 + 4 beta_k c)) / (2 beta_k)``.
   ``beta_k`` is learned per iteration, in units of ``mean(S) / m`` so that the whole map is
   equivariant to the count level. Trained end to end: the gradient passes the EM steps through
-  :mod:`.projector` (exact forward and back projection layers), not through PyTomography.
+  :mod:`sspect.physics.differentiable` (exact forward and back projection layers), not through PyTomography.
 
 Both outputs are scaled to the total of ``x0`` at the end: OSEM's total follows the measured
 counts (EM keeps ``sum(A x + s) = sum(y)``), and networks trained by NRMSE alone came out low in
@@ -24,7 +24,7 @@ the image.
 
 ``m`` is the mean of ``x0`` over the grid: the networks see images of order one whatever the
 count level or scan time, and an image ``k`` times brighter gives an output ``k`` times brighter
-(up to noise). Training (:mod:`sspect.training`, ``sspect train``) minimises the NRMSE^2 of the
+(up to noise). Training (:mod:`sspect.training.supervised`, ``sspect train``) minimises the NRMSE^2 of the
 output against the truth in the same count units.
 
 A weights file is safetensors with a header describing it: kind, architecture, isotope, energy
@@ -39,19 +39,19 @@ are convolutional) and recorded in the result's info.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from ..errors import SSPECTError
-from ..physics.presets import LU177_PHOTOPEAK_KEV
 from . import Events, Method, Param, Result, register
-from .network_files import ISOTOPE, MU_WATER_PER_CM, VOXEL_TOLERANCE, read_network_file, voxel_mm, voxel_size_differs, \
-    weights_sha256
+from .toolkit.counts import scatter_or_zeros
+from .toolkit.inputs import ct_channel, start_image
+from .toolkit.networks import Padding, inverse_softplus, unet
+from .toolkit.weights import ISOTOPE, PHOTOPEAK_KEV, WEIGHTS_FOLDER, check_study, load_state, read_weights, \
+    resolve_weights, save_weights, tensors_of, voxel_mm
 
 FORMAT = "sspect-supervised/1"
 KINDS = ("post-unet", "unrolled-mapem")
-WEIGHTS_FOLDER = Path(__file__).resolve().parents[1] / "weights"
 SHIPPED = {"post-unet": WEIGHTS_FOLDER / "post_unet_lu177_megp_8.8mm.safetensors",
            "unrolled-mapem": WEIGHTS_FOLDER / "unrolled_mapem_lu177_megp_8.8mm.safetensors"}
 
@@ -63,27 +63,14 @@ class Scan:
     """One bed as the networks see it: counts, scatter, the start image ``x0``, its scale ``m``, the CT channel."""
 
     def __init__(self, problem, start_iterations: int, start_subsets: int, use_ct: bool):
-        import torch
-
-        from pytomography.algorithms import OSEM
-        from pytomography.likelihoods import PoissonLogLikelihood
-
-        from .classical import _check_subsets
-        from .self_supervised import _padding
-
-        _check_subsets(problem, {"subsets": start_subsets})
         self.problem = problem
         self.system_matrix = problem.system_matrix
         self.counts = problem.projections.to(problem.device).float()
-        self.scatter = (problem.scatter.to(problem.device).float() if problem.scatter is not None
-                        else torch.zeros_like(self.counts))
-        likelihood = PoissonLogLikelihood(problem.system_matrix, self.counts, self.scatter)
-        self.start = OSEM(likelihood)(start_iterations, start_subsets).detach().float()
+        self.scatter = scatter_or_zeros(problem).float()
+        self.start = start_image(problem, start_iterations, start_subsets)
         self.scale = max(float(self.start.mean()), 1e-12)
-        self.ct = (problem.attenuation_map.to(self.start.device, torch.float32) / MU_WATER_PER_CM) if use_ct else None
-        shape = tuple(self.start.shape)
-        self.padding = _padding(shape)  # a multiple of 8: both networks halve the grid at most three times
-        self.crop = tuple(slice(self.padding[2 * i], self.padding[2 * i] + n) for i, n in enumerate(reversed(shape)))[::-1]
+        self.ct = ct_channel(problem) if use_ct else None
+        self.padding = Padding(self.start.shape)  # a multiple of 8: both networks halve the grid at most three times
         self._sensitivity = None
 
     @property
@@ -91,7 +78,7 @@ class Scan:
         """``A^T 1`` (exact back projection), computed once when an unrolled network first needs it."""
         import torch
 
-        from .projector import back_project
+        from ..physics.differentiable import back_project
 
         if self._sensitivity is None:
             self._sensitivity = back_project(torch.ones_like(self.counts), self.system_matrix).float()
@@ -100,10 +87,9 @@ class Scan:
     def network_input(self, image):
         """[1, C, padded grid]: ``image / m`` and, with a CT, ``mu / mu_water``."""
         import torch
-        import torch.nn.functional as F
 
         channels = [image / self.scale] + ([self.ct] if self.ct is not None else [])
-        return F.pad(torch.stack(channels)[None], self.padding, mode="replicate")
+        return self.padding.pad(torch.stack(channels)[None])
 
     def with_start_total(self, image):
         """``image`` scaled to the total of ``x0`` (OSEM's, which follows the counts; see the module docstring)."""
@@ -111,26 +97,10 @@ class Scan:
 
     def corrected(self, network, image):
         """``m softplus(softplus^-1(image / m) + network(...))``: ``image`` itself while the network outputs zero."""
-        import torch
         import torch.nn.functional as F
 
         z = (image / self.scale).clamp_min(1e-4)
-        inverse = z + torch.log(-torch.expm1(-z))  # softplus^-1(z), stable for large z
-        return self.scale * F.softplus(inverse + network(self.network_input(image))[0, 0][self.crop])
-
-
-def _unet(features: int, in_channels: int, levels: int):
-    """A MONAI U-Net (strided convolutions, instance norm, PReLU) whose output starts at zero."""
-    import torch
-    from monai.networks.nets import UNet
-
-    network = UNet(spatial_dims=3, in_channels=in_channels, out_channels=1,
-                   channels=tuple(features * 2 ** k for k in range(levels)), strides=(2,) * (levels - 1),
-                   num_res_units=0, norm="instance")
-    with torch.no_grad():
-        network.model[-1].conv.weight.zero_()
-        network.model[-1].conv.bias.zero_()
-    return network
+        return self.scale * F.softplus(inverse_softplus(z) + self.padding.crop(network(self.network_input(image)))[0, 0])
 
 
 def build_model(kind: str, features: int, in_channels: int, iterations: int = 3):
@@ -140,7 +110,7 @@ def build_model(kind: str, features: int, in_channels: int, iterations: int = 3)
     class PostReconstructionUNet(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.unet = _unet(features, in_channels, 4)
+            self.unet = unet(features, in_channels, head="correction")
 
         def forward(self, scan: Scan, events: Events | None = None):
             return scan.with_start_total(scan.corrected(self.unet, scan.start))
@@ -148,11 +118,11 @@ def build_model(kind: str, features: int, in_channels: int, iterations: int = 3)
     class UnrolledMAPEM(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.cnn = _unet(features, in_channels, 3)
+            self.cnn = unet(features, in_channels, head="correction", levels=3)
             self.log_beta = torch.nn.Parameter(torch.full((iterations,), math.log(0.1)))
 
         def forward(self, scan: Scan, events: Events | None = None):
-            from .projector import back_project_differentiable, project
+            from ..physics.differentiable import back_project_differentiable, project
 
             sensitivity = scan.sensitivity
             seen = sensitivity > 1e-6 * float(sensitivity.max())
@@ -186,77 +156,35 @@ def build_model(kind: str, features: int, in_channels: int, iterations: int = 3)
 
 def save_model(model, path, *, kind: str, architecture: dict, start_osem: tuple, problem, matrices: list,
                training: dict, validation: dict, code_version: str) -> dict:
-    """Write the weights and their description (safetensors header + a JSON copy beside it); returns the description."""
+    """Write the weights and their description (in the header and in a JSON copy beside it); returns the description."""
     import monai
     import torch
-    from safetensors.torch import save_file
 
-    from ..atomic import atomic_path, write_json_atomic
-
-    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
     description = {
         "format": FORMAT, "kind": kind, "architecture": architecture, "isotope": ISOTOPE,
-        "photopeak_keV": LU177_PHOTOPEAK_KEV, "energy_window_keV": list(problem.peak_window_keV),
+        "photopeak_keV": PHOTOPEAK_KEV, "energy_window_keV": list(problem.peak_window_keV),
         "collimator": problem.collimator_code, "voxel_mm": voxel_mm(problem), "matrices": matrices,
         "start_osem": {"iterations": start_osem[0], "subsets": start_osem[1]},
         "input": "x0 / mean(x0)" + (", mu / 0.136 per cm" if architecture["in_channels"] == 2 else ""),
         "training": training, "validation": validation, "code_version": code_version,
-        "torch": torch.__version__, "monai": monai.__version__, "sha256": weights_sha256(state),
+        "torch": torch.__version__, "monai": monai.__version__,
     }
-    header = {key: value if isinstance(value, str) else json.dumps(value) for key, value in description.items()}
-    path = Path(path)
-    with atomic_path(path) as partial:
-        save_file(state, str(partial), metadata=header)
-    write_json_atomic(path.with_suffix(".json"), description)
-    return description
-
-
-def _description(metadata: dict) -> dict:
-    """The header's text values back to JSON values."""
-    decoded = {}
-    for key, value in metadata.items():
-        try:
-            decoded[key] = json.loads(value)
-        except ValueError:
-            decoded[key] = value
-    return decoded
+    return save_weights(tensors_of(model), path, description, json_copy=True)
 
 
 def load_model(path, kind: str, problem):
     """(model, description) from a file :func:`save_model` wrote, refused in one sentence if it does not fit the study."""
     path = Path(path)
-    state, metadata = read_network_file(path, "sspect train")
-    if metadata.get("format") != FORMAT or "sha256" not in metadata:
-        raise SSPECTError(f"The file {path} is not a supervised network (format '{metadata.get('format')}', expected {FORMAT}); "
-                          "give a network written by sspect train.")
-    description = _description(metadata)
+    state, description = read_weights(path, "sspect train", FORMAT, "a supervised network")
     if description["kind"] != kind:
         raise SSPECTError(f"The network {path} is a {description['kind']} network, not {kind}; use it with the method "
                           f"{description['kind']} or give a {kind} network.")
-    window = tuple(problem.peak_window_keV)
-    if description["isotope"] != ISOTOPE or (window and not window[0] <= LU177_PHOTOPEAK_KEV <= window[1]):
-        raise SSPECTError(f"The network {path} was trained on {description['isotope']} ({LU177_PHOTOPEAK_KEV:g} keV) but this "
-                          f"study's photopeak window is {window[0]:g}-{window[1]:g} keV; choose the 208 keV window of a 177Lu study.")
-    if problem.collimator_code and description["collimator"] and problem.collimator_code != description["collimator"]:
-        raise SSPECTError(f"The network {path} was trained for the {description['collimator']} collimator but this study was "
-                          f"acquired with {problem.collimator_code}; use a network trained for that collimator or a method without training.")
-    scan_mm = voxel_mm(problem)
-    if voxel_size_differs(scan_mm, description["voxel_mm"]):
-        hint = ""
-        ratio = description["voxel_mm"][0] / scan_mm[0]
-        if round(ratio) in (2, 4) and abs(ratio - round(ratio)) < VOXEL_TOLERANCE:
-            hint = f" (detector binning {round(ratio)} gives it: --binning {round(ratio)}, or Grid {round(ratio)}x{round(ratio)} in Slicer)"
-        raise SSPECTError(f"The network {path} was trained on {description['voxel_mm']} mm voxels but this study has {scan_mm} mm "
-                          f"(more than {VOXEL_TOLERANCE:.0%} apart); reconstruct at the trained voxel size{hint} or train a network at this one.")
+    check_study(path, description, problem, "train a network at this one")
     architecture = description["architecture"]
     if architecture["in_channels"] == 2 and problem.attenuation_map is None:
         raise SSPECTError(f"The network {path} needs the CT as its second input; give the study's CT.")
     model = build_model(kind, architecture["features"], architecture["in_channels"], architecture.get("iterations", 3))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError:
-        raise SSPECTError(f"The weights in {path} do not fit the network its header describes; train it again.") from None
-    return model.to(problem.device).eval(), description
+    return load_state(model, state, path, "train").to(problem.device).eval(), description
 
 
 def _trained_on(description: dict) -> dict:
@@ -268,11 +196,6 @@ def _trained_on(description: dict) -> dict:
             "manifest_sha256": data.get("manifest_sha256", ""), "steps": description["training"].get("steps_done")}
 
 
-def resolve_weights(kind: str, value: str) -> Path:
-    """'shipped' -> the network that comes with the engine; anything else is a path."""
-    return SHIPPED[kind] if value.strip().lower() == "shipped" else Path(value).expanduser()
-
-
 # ---------------------------------------------------------------- the methods
 
 
@@ -280,7 +203,7 @@ def _runner(kind: str):
     def run(problem, params, events: Events) -> Result:
         import torch
 
-        path = resolve_weights(kind, params["weights"])
+        path = resolve_weights(params["weights"], SHIPPED[kind])
         model, description = load_model(path, kind, problem)
         start = description["start_osem"]
         events.progress(0.0, f"start image: OSEM {start['iterations']} x {start['subsets']}", stage="start")

@@ -72,6 +72,11 @@ class Isotope:
     def default_photopeaks(self) -> tuple[Photopeak, ...]:
         return tuple(self.photopeak(e) for e in self.default_photopeaks_keV)
 
+    def radionuclide_metadata(self) -> dict:
+        """What the DICOM export writes: RadionuclideCodeSequence and half-life."""
+        return {"name": self.name, "code_value": self.code_value, "coding_scheme": self.coding_scheme,
+                "code_meaning": self.code_meaning, "half_life_s": self.half_life_s}
+
     @property
     def mu_water_per_cm(self) -> float:
         """Water's mu at the main photopeak: the fixed scale of networks' CT channel."""

@@ -1,4 +1,5 @@
 """Simulated SPECT acquisition: each photopeak's window and its TEW scatter windows, with Poisson noise.
+Count levels of a clinical acquisition: :class:`AcquisitionSettings`.
 
 Primary photons go through the engine's system model (:func:`sspect.physics.system.build_system_matrix`,
 PyTomography's projector: attenuation + depth-dependent collimator-detector response at each
@@ -187,3 +188,46 @@ def draw_counts(expected: SimulatedProjections, counts_scale: float, seed: int) 
         drawn.append(SimulatedPeak(simulated.photopeak, peak, lower, upper, counts_scale * simulated.expected_primary,
                                    counts_scale * simulated.expected_scatter))
     return replace(expected, peaks=drawn)
+
+
+@dataclass(frozen=True)
+class AcquisitionSettings:
+    """A clinical 177Lu SPECT acquisition, for simulating realistic count levels.
+
+    ``sensitivity_cps_per_mbq``: photopeak (208 keV +-10%) counts per second per MBq seen by one
+    detector head with a medium-energy (GE MEGP / Siemens ME) collimator, for a source in air
+    (planar sensitivity): 9 cps/MBq, an assumption in the 8-11 cps/MBq range of published 177Lu
+    ME/MEGP calibrations (the same value as the demo study). Each view is one head's frame, so
+    expected counts per view = sensitivity x frame duration x attenuated activity.
+    Frame duration and view count are those of the real GE study in shared/data (60 views of
+    25 s, 128 x 128 pixels of 4.4196 mm, orbit radius 253.7 mm); the count levels this gives
+    for the phantoms: docs/simulation.md.
+    """
+
+    sensitivity_cps_per_mbq: float = 9.0
+    frame_duration_s: float = 25.0
+    n_views: int = 60
+    pixel_mm: float = 4.4196
+    matrix: int = 128
+    radius_mm: float = 253.7
+    collimator: str = "GI-MEGP"
+
+    def counts_scale(self, voxel_volume_ml: float) -> float:
+        """``simulate_projections``' counts_scale for an activity image in MBq/mL."""
+        return realistic_counts_scale(voxel_volume_ml, self.sensitivity_cps_per_mbq, self.frame_duration_s)
+
+
+ACQUISITION_177LU = AcquisitionSettings()
+REAL_GE_STUDY_PHOTOPEAK_COUNTS = 1.39e6  # shared/data/lu177_ge670, bed 1, 60 views x 25 s
+
+
+def realistic_counts_scale(voxel_volume_ml: float, sensitivity_cps_per_mbq: float = ACQUISITION_177LU.sensitivity_cps_per_mbq,
+                           frame_duration_s: float = ACQUISITION_177LU.frame_duration_s) -> float:
+    """Expected primary counts per view per (MBq/mL) of voxel value, before attenuation.
+
+    = sensitivity (cps/MBq) x frame duration (s) x voxel volume (mL): pass it as
+    ``simulate_projections(..., counts_scale=...)`` for an activity image in MBq/mL.
+    """
+    if voxel_volume_ml <= 0 or sensitivity_cps_per_mbq <= 0 or frame_duration_s <= 0:
+        raise SSPECTError("Voxel volume, sensitivity and frame duration must be positive.")
+    return float(sensitivity_cps_per_mbq) * float(frame_duration_s) * float(voxel_volume_ml)

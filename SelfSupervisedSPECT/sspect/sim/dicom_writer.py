@@ -35,7 +35,7 @@ from sspect.physics.isotopes import LUTETIUM_177, EnergyRange, Isotope
 from sspect.volume import Volume
 
 from .acquisition import simulate_projections
-from .phantom import demo_phantom
+from .phantoms.demo import demo_phantom
 
 DEFAULT_ACQUISITION_DATETIME = datetime(2024, 5, 14, 10, 30, 0)
 

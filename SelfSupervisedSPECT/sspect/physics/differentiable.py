@@ -1,8 +1,8 @@
 """The SPECT system model as a differentiable layer: ``A x`` forward, ``A^T g`` for the gradient.
 
-With the fast operator (:class:`sspect.physics.operator.SPECTOperator`, the default) this module
-only hands batches to its autograd functions and picks its ``transpose`` (exact) or ``backward``
-(PyTomography's matched back projection).
+With the fast operator (:class:`.operator.SPECTOperator`, the default), or any system matrix with
+an exact ``transpose``, this module only hands batches to the operator's autograd functions and
+picks its ``transpose`` (exact) or ``backward`` (PyTomography's matched back projection).
 The rest of this module serves PyTomography's ``SPECTSystemMatrix``, the reference projector.
 
 PyTomography's projections run under ``torch.no_grad()``, so autograd cannot flow through them.
@@ -32,9 +32,8 @@ ADJOINTS = ("exact", "pytomography")
 
 
 def _is_fast(system_matrix) -> bool:
-    from ..physics.operator import SPECTOperator
-
-    return isinstance(system_matrix, SPECTOperator)
+    """True for a system with its own exact ``transpose`` (:class:`.operator.SPECTOperator` and systems built of it)."""
+    return callable(getattr(system_matrix, "transpose", None))
 
 
 def _is_rotate_and_sum(system_matrix) -> bool:
@@ -126,7 +125,7 @@ def project(image: torch.Tensor, system_matrix, adjoint: str = "exact") -> torch
     if image.dim() < 3:
         raise ValueError(f"An object needs three dimensions [Lx, Ly, Lz]; got shape {tuple(image.shape)}.")
     if _is_fast(system_matrix):
-        from ..physics.operator import Projection
+        from .operator import Projection
 
         return Projection.apply(image, system_matrix, adjoint == "exact")
     if image.dim() == 3:
@@ -160,7 +159,7 @@ class SPECTBackProjection(torch.autograd.Function):
 def back_project_differentiable(projections: torch.Tensor, system_matrix) -> torch.Tensor:
     """``A^T g`` for one set of projections [Ltheta, Lr, Lz], differentiable in ``g`` (exact adjoint only)."""
     if _is_fast(system_matrix):
-        from ..physics.operator import BackProjection
+        from .operator import BackProjection
 
         return BackProjection.apply(projections, system_matrix)
     if not _is_rotate_and_sum(system_matrix):

@@ -26,8 +26,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import SSPECTError
-from .eval.benchmark import file_sha256
+from ..atomic import file_sha256
+from ..errors import SSPECTError
+from ..methods import Events
+from ..methods.supervised import KINDS, Scan, build_model, save_model
+from ..methods.toolkit.fitting import Step, fit
+from ..methods.toolkit.losses import nrmse_squared
+from ..methods.toolkit.weights import read_weights, save_weights
 
 CHECKPOINT_FORMAT = "sspect-train-checkpoint/1"
 
@@ -82,9 +87,8 @@ def load_example(entry: dict, folder: Path, sensitivity_cps_per_MBq: float, sett
     import numpy as np
     import torch
 
-    from .io.export import read_image
-    from .methods.supervised import Scan
-    from .pipeline import Settings, bed_problem, bq_per_ml_factor, load_study
+    from ..io.volume_files import read_image
+    from ..pipeline import Settings, bed_problem, bq_per_ml_factor, load_study
 
     files = {key: folder / value for key, value in entry["files"].items()}
     for key in ("nm", "truth"):
@@ -108,11 +112,6 @@ def load_example(entry: dict, folder: Path, sensitivity_cps_per_MBq: float, sett
     return Example(entry["case"], scan, target)
 
 
-def nrmse_squared(image, truth):
-    """``||x - t||^2 / ||t||^2``: the training loss, NRMSE^2 (every case weighs the same whatever its counts)."""
-    return ((image - truth) ** 2).sum() / (truth ** 2).sum().clamp_min(1e-12)
-
-
 def batch_indices(n_cases: int, batch_size: int, seed: int, step: int) -> list[int]:
     """The cases of step ``step`` (1-based): consecutive draws from one seeded permutation per epoch."""
     import numpy as np
@@ -128,7 +127,7 @@ def code_version() -> str:
     """The engine's version and, in a git checkout, its commit."""
     import subprocess
 
-    from . import __version__
+    from .. import __version__
 
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
@@ -197,30 +196,19 @@ def _state(model) -> dict:
 
 def _write_checkpoint(path: Path, model, optimiser, best_state, record: dict) -> None:
     """Weights, Adam's moments and the best network as tensors; step, settings and history as JSON text."""
-    from safetensors.torch import save_file
-
-    from .atomic import atomic_path
-
     tensors = {f"model/{name}": tensor for name, tensor in _state(model).items()}
     tensors.update({f"best/{name}": tensor for name, tensor in (best_state or {}).items()})
     optimiser_state = optimiser.state_dict()
     for index, moments in optimiser_state["state"].items():
         for key, value in moments.items():
             tensors[f"optimiser/{index}/{key}"] = value.detach().cpu().clone().reshape(-1) if value.dim() == 0 else value.detach().cpu().clone()
-    metadata = {"format": CHECKPOINT_FORMAT, "record": json.dumps(record),
-                "param_groups": json.dumps(optimiser_state["param_groups"])}
-    with atomic_path(path) as partial:
-        save_file(tensors, str(partial), metadata=metadata)
+    save_weights(tensors, path, {"format": CHECKPOINT_FORMAT, "record": record, "param_groups": optimiser_state["param_groups"]})
 
 
 def _read_checkpoint(path: Path, model, optimiser, expected: dict) -> tuple[dict, dict | None]:
     """Restore weights and Adam's state from ``path``; returns (record, best network) after checking it is this run's."""
-    from .methods.network_files import read_network_file
-
-    tensors, metadata = read_network_file(path, "sspect train")
-    if metadata.get("format") != CHECKPOINT_FORMAT:
-        raise SSPECTError(f"{path} is not a training checkpoint; resume from the folder of an earlier `sspect train`.")
-    record = json.loads(metadata["record"])
+    tensors, description = read_weights(path, "sspect train", CHECKPOINT_FORMAT, "a training checkpoint")
+    record = description["record"]
     for key in ("settings", "manifest_sha256"):
         if record[key] != expected[key]:
             raise SSPECTError(f"The checkpoint in {path.parent} was written by a run with other {key.replace('_', ' ')}; "
@@ -232,7 +220,7 @@ def _read_checkpoint(path: Path, model, optimiser, expected: dict) -> tuple[dict
         if name.startswith("optimiser/"):
             _, index, key = name.split("/")
             state.setdefault(int(index), {})[key] = tensor.reshape(()) if key == "step" else tensor
-    optimiser.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})
+    optimiser.load_state_dict({"state": state, "param_groups": description["param_groups"]})
     return record, best
 
 
@@ -258,9 +246,6 @@ def train(manifest_path, out_dir, settings: TrainSettings, events=None, resume: 
           command: str = "sspect train") -> Path:
     """Train ``settings.kind`` on the dataset; returns the path of the best network (``out_dir/model.safetensors``)."""
     import torch
-
-    from .methods import Events
-    from .methods.supervised import KINDS, build_model, save_model
 
     events = events or Events()
     if settings.kind not in KINDS:
@@ -329,17 +314,14 @@ def train(manifest_path, out_dir, settings: TrainSettings, events=None, resume: 
                                  "history": record["history"]},
                        validation=record["best"], code_version=code_version())
 
-        for step in range(record["step"] + 1, settings.steps + 1):
+        def objective(step):
             mine = batch_indices(len(training), settings.batch_size, settings.seed, step)[place.rank::place.world]
             network.train()
             loss = sum(nrmse_squared(network(example(i).scan), example(i).target) for i in mine) / len(mine)
-            value = float(loss.detach())
-            if value != value:
-                raise SSPECTError(f"Training diverged at step {step}; lower the learning rate.")
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            value = place.mean(value)
+            return Step(loss, fields={"stage": "train"}, reported=place.mean(float(loss.detach())))
+
+        def after_step(step, value):
+            nonlocal best_state
             record["step"], record["seconds"] = step, time.perf_counter() - started
             if step % settings.validation_interval == 0 or step == settings.steps:
                 if place.main:
@@ -354,8 +336,9 @@ def train(manifest_path, out_dir, settings: TrainSettings, events=None, resume: 
                 place.barrier()
             if place.main and (step % settings.checkpoint_interval == 0 or step == settings.steps):
                 _write_checkpoint(checkpoint, model, optimiser, best_state, record)
-            events.progress(step / settings.steps, f"step {step}/{settings.steps}, loss {value:.5g}",
-                            stage="train", step=step, loss=value)
+
+        fit(None, objective, steps=settings.steps, events=events, optimiser=optimiser, first_step=record["step"] + 1,
+            after_step=after_step, name="Training")
         return out_dir / "model.safetensors"
     finally:
         place.close()

@@ -1,0 +1,46 @@
+"""The learned methods' parameters, declared once: one name, one meaning, one help text.
+
+``steps`` are optimiser steps of a network; ``iterations`` are iterations of an iterative
+algorithm (OSEM, ADMM); ``pretrain_steps`` fit a new network to a short OSEM image first. A result
+reports ``best_step`` (the step whose image it returns) and ``stopped_at``, in optimiser steps.
+"""
+from __future__ import annotations
+
+from .. import Param
+
+VALIDATION_FRACTION = Param(
+    "validation_fraction", float, 0.1,
+    "Share of the counts held out by binomial thinning to choose when to stop (0: no hold-out, run all steps)", 0.0, 0.5)
+SEED = Param("seed", int, 0, "Seed of the network weights and of the count splits (same seed, same image on the same CPU)",
+             0, 2**31 - 1)
+
+
+def steps(default: int, what: str = "Maximum number of optimiser steps of the network") -> Param:
+    return Param("steps", int, default, what, 1, 100000)
+
+
+def pretrain_steps(default: int) -> Param:
+    return Param("pretrain_steps", int, default, "Steps fitting a new network to a 2-iteration OSEM image first (0: none)",
+                 0, 100000)
+
+
+def learning_rate(default: float) -> Param:
+    return Param("learning_rate", float, default, "Adam learning rate of the network", 1e-6, 1.0)
+
+
+def validation_interval(default: int) -> Param:
+    return Param("validation_interval", int, default, "Optimiser steps between validation checks (and iterates)", 1, 10000)
+
+
+def patience(default: int, unit: str = "Validation checks") -> Param:
+    return Param("patience", int, default, f"{unit} without improvement before stopping (0: never stop early)", 0, 100000)
+
+
+def features(default: int) -> Param:
+    return Param("features", int, default, "Channels of the U-Net's first level (doubling at each of its four levels)", 2, 64)
+
+
+def osem_params(iterations: int, subsets: int) -> tuple[Param, ...]:
+    """The OSEM reconstructions a denoiser works on."""
+    return (Param("iterations", int, iterations, "OSEM iterations of every reconstruction the method makes", 1, 200),
+            Param("subsets", int, subsets, "OSEM subsets of every reconstruction (capped at the views it has)", 1, 64))

@@ -86,8 +86,8 @@ class Isotope:
 
 
 def _peak(energy, name, window, lower, upper, abundance, upper_to_lower, scatter_to_primary):
-    return Photopeak(energy, EnergyRange(name, *window), EnergyRange(f"{name}_lower_SC", *lower),
-                     EnergyRange(f"{name}_upper_SC", *upper), abundance, upper_to_lower, scatter_to_primary)
+    return Photopeak(energy, EnergyRange(name, *window), EnergyRange(f"{name}_LSC", *lower),
+                     EnergyRange(f"{name}_USC", *upper), abundance, upper_to_lower, scatter_to_primary)
 
 
 # 177Lu: the GE study's windows (names too); at 208 keV 0.08 upper/lower counts per keV measured

@@ -37,6 +37,10 @@ class SimulatedPeak:
         return (self.photopeak.window, self.photopeak.lower_scatter, self.photopeak.upper_scatter)
 
 
+def _main_photopeak(name: str) -> property:
+    return property(lambda self: getattr(self.peaks[0], name), doc=f"The main photopeak's {name}.")
+
+
 @dataclass
 class SimulatedProjections:
     """Every simulated photopeak (the main one first) and the orbit; ``peak`` ... are the main photopeak's."""
@@ -47,29 +51,8 @@ class SimulatedProjections:
     isotope: Isotope
     collimator: Collimator
 
-    @property
-    def peak(self) -> np.ndarray:
-        return self.peaks[0].peak
-
-    @property
-    def lower(self) -> np.ndarray:
-        return self.peaks[0].lower
-
-    @property
-    def upper(self) -> np.ndarray:
-        return self.peaks[0].upper
-
-    @property
-    def windows(self) -> tuple[EnergyRange, EnergyRange, EnergyRange]:
-        return self.peaks[0].windows
-
-    @property
-    def expected_primary(self) -> np.ndarray:
-        return self.peaks[0].expected_primary
-
-    @property
-    def expected_scatter(self) -> np.ndarray:
-        return self.peaks[0].expected_scatter
+    peak, lower, upper, windows, expected_primary, expected_scatter = (
+        _main_photopeak(name) for name in ("peak", "lower", "upper", "windows", "expected_primary", "expected_scatter"))
 
     def windows_in_order(self, roles=("peak", "upper", "lower")) -> tuple[list[EnergyRange], list[np.ndarray]]:
         """Every photopeak's windows and counts, photopeak by photopeak, in ``roles`` order (GE: peak, upper, lower)."""

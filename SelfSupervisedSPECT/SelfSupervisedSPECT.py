@@ -42,6 +42,7 @@ PROTECTED_DISTRIBUTIONS = ("numpy", "SimpleITK", "requests", "torch")
 DEVICES = ("auto", "cpu", "cuda")
 BINNING_CHOICES = (1, 2, 4)  # binningComboBox items, in order
 PROJECTOR_CHOICES = ("fast", "pytomography")  # projectorComboBox items, in order
+ISOTOPE_CHOICES = (None, "177Lu", "99mTc", "111In", "131I")  # isotopeComboBox items, in order (None: from the file)
 
 POLL_INTERVAL_MS = 150
 
@@ -521,7 +522,8 @@ class SelfSupervisedSPECTWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         for widget in (self.ui.projectionSelector, self.ui.ctSelector, self.ui.loadProjectionFilesButton,
                        self.ui.loadCTFilesButton, self.ui.automaticWindowsCheckBox, self.ui.methodComboBox,
                        self.ui.parametersWidget, self.ui.calibrationSpinBox, self.ui.deviceComboBox,
-                       self.ui.binningComboBox, self.ui.projectorComboBox):
+                       self.ui.binningComboBox, self.ui.projectorComboBox, self.ui.isotopeComboBox,
+                       self.ui.photopeaksLineEdit):
             widget.enabled = not busy
         self.onAutomaticWindowsToggled(self.ui.automaticWindowsCheckBox.checked)
         bar = self.ui.progressBar
@@ -576,7 +578,9 @@ class SelfSupervisedSPECTWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         options = {"calibration_cps_per_MBq": calibration if calibration > 0 else None,
                    "device": self._device(), "windows": self._windows(),
                    "detector_binning": BINNING_CHOICES[self.ui.binningComboBox.currentIndex],
-                   "projector": PROJECTOR_CHOICES[self.ui.projectorComboBox.currentIndex]}
+                   "projector": PROJECTOR_CHOICES[self.ui.projectorComboBox.currentIndex],
+                   "isotope": ISOTOPE_CHOICES[self.ui.isotopeComboBox.currentIndex],
+                   "photopeaks": self.ui.photopeaksLineEdit.text.strip() or None}
         self.ui.logTextEdit.clear()
         self._lastProgressMessage = None
         try:

@@ -91,7 +91,6 @@ def child_project(projector: str, views: int, repeats: int, device: str, arrays:
     import numpy as np
     import torch
 
-    from sspect.physics.system import build_problem
     from sspect.pipeline import bed_problem
 
     study = _study(device)
@@ -106,22 +105,14 @@ def child_project(projector: str, views: int, repeats: int, device: str, arrays:
         from pytomography.io.SPECT.dicom import get_psfmeta_from_scanner_params
 
         from sspect.physics.operator import SPECTOperator
-        from sspect.physics.presets import LU177_PHOTOPEAK_KEV, collimator_preset
 
-        preset = collimator_preset(study.collimator)
-        psf = get_psfmeta_from_scanner_params(preset.code, energy_keV=LU177_PHOTOPEAK_KEV,
-                                              intrinsic_resolution_140keV=preset.intrinsic_resolution_140keV_cm)
+        psf = get_psfmeta_from_scanner_params(study.collimator.code, energy_keV=study.peaks[0].photopeak_keV,
+                                              intrinsic_resolution_140keV=study.collimator.intrinsic_resolution_140keV_cm)
         problem = bed_problem(study, device=device, projector="pytomography")  # its metadata and mu map
         problem.system_matrix = SPECTOperator(problem.object_meta, problem.proj_meta, problem.attenuation_map, psf,
                                               device=problem.device, precompute_limit_bytes=0)
-    elif views == 60:
-        problem = bed_problem(study, device=device, projector=projector)
     else:
-        from sspect.io.ct import attenuation_map
-        from sspect.physics.presets import LU177_PHOTOPEAK_KEV
-
-        mu = attenuation_map(study.ct, study.beds[0], LU177_PHOTOPEAK_KEV)
-        problem = build_problem(study.beds[0], study.windows, mu, study.collimator, device, projector=projector)
+        problem = bed_problem(study, device=device, projector=projector)
     build = time.perf_counter() - started
     system = problem.system_matrix
     image = _test_object(problem).to(problem.device)

@@ -4,7 +4,7 @@ Both sides reconstruct NM/bed1_projections.dcm + CT/ of ../shared/data/lu177_ge6
 physics (photopeak window 1, TEW scatter from windows 3 and 2, CT attenuation at 208 keV, GE MEGP
 collimator-detector response) and OSEM with 6 subsets. For each side it measures
 
-- load time: engine = ``load_study`` + ``attenuation_map`` + ``build_problem``; direct =
+- load time: engine = ``load_study`` + ``bed_problem`` (mu map, scatter, system model); direct =
   ``dicom.get_metadata/get_projections/get_energy_window_scatter_estimate/
   get_attenuation_map_from_CT_slices`` + ``get_psfmeta_from_scanner_params`` + ``SPECTSystemMatrix``
   + ``PoissonLogLikelihood``;
@@ -58,11 +58,8 @@ def run_side(side: str, data: Path, iterations: int, device: str, result_path: P
     import pytomography
     from pytomography.io.SPECT import dicom
     if side == "engine":
-        from sspect.io.ct import attenuation_map
         from sspect.methods import Events, get_method
-        from sspect.physics.presets import LU177_PHOTOPEAK_KEV
-        from sspect.physics.system import build_problem
-        from sspect.pipeline import Settings, load_study
+        from sspect.pipeline import Settings, bed_problem, load_study
     else:
         from pytomography.algorithms import OSEM
         from pytomography.callbacks import Callback
@@ -84,8 +81,7 @@ def run_side(side: str, data: Path, iterations: int, device: str, result_path: P
             t0 = now()
             settings = Settings(method="osem", params={"iterations": iterations, "subsets": SUBSETS}, device=device)
             study = load_study(nm, ct_dir, settings)
-            mu = attenuation_map(study.ct, study.beds[0], LU177_PHOTOPEAK_KEV)
-            problem = build_problem(study.beds[0], study.windows, mu, study.collimator, device)
+            problem = bed_problem(study, device=device)
             load_s, load_peak = now() - t0, max_rss_mib()
 
             def on_event(event):

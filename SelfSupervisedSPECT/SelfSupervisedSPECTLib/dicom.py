@@ -13,7 +13,9 @@ import numpy as np
 
 from .errors import DoorError
 
-LU177_PHOTOPEAK_KEV = 208.0
+# Main photopeak (keV) by RadionuclideCodeSequence code value (SNOMED CT): the engine's isotope
+# registry (sspect/physics/isotopes.py) has the same, which a static test checks.
+MAIN_PHOTOPEAK_KEV = {"447553000": 208.0, "72454006": 140.5, "56609000": 171.3, "1368003": 364.5}
 NM_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.20"
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -108,11 +110,22 @@ def _energy_windows(ds) -> list[tuple[float, float, str]]:
     return windows
 
 
-def photopeak_index(windows) -> int:
-    """0-based index of the window holding 208 keV (the narrowest if several do); else the first."""
-    holding = [(upper - lower, index) for index, (lower, upper, _) in enumerate(windows)
-               if lower <= LU177_PHOTOPEAK_KEV <= upper]
-    return min(holding)[1] if holding else 0
+def photopeak_index(windows, radionuclide_code: str = "") -> int:
+    """0-based index of the window centred (within 1 %, as photopeak windows are) on the
+    radionuclide's main photopeak, or on any known main photopeak when the file names none (the
+    narrowest if several are); else the first."""
+    energies = [MAIN_PHOTOPEAK_KEV[radionuclide_code]] if radionuclide_code in MAIN_PHOTOPEAK_KEV else MAIN_PHOTOPEAK_KEV.values()
+    centred = [(upper - lower, index) for index, (lower, upper, _) in enumerate(windows)
+               if any(abs((lower + upper) / 2 - energy) <= 0.01 * energy for energy in energies)]
+    return min(centred)[1] if centred else 0
+
+
+def radionuclide_code(ds) -> str:
+    """The first radiopharmaceutical's RadionuclideCodeSequence code value ("" when absent)."""
+    for drug in ds.get("RadiopharmaceuticalInformationSequence") or []:
+        for code in drug.get("RadionuclideCodeSequence") or []:
+            return _text(code.get("CodeValue"))
+    return ""
 
 
 def read_projections(files) -> LoadedVolume:
@@ -139,7 +152,7 @@ def read_projections(files) -> LoadedVolume:
         if frames.ndim == 2:
             frames = frames[None]
         windows = _energy_windows(ds)
-        peak = photopeak_index(windows)
+        peak = photopeak_index(windows, radionuclide_code(ds))
         vector = ds.get("EnergyWindowVector")
         if vector is not None and len(vector) == frames.shape[0]:
             frames = frames[np.asarray([int(v) for v in vector]) == peak + 1]

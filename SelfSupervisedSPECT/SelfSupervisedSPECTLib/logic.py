@@ -36,8 +36,9 @@ PET_HEAT = "vtkMRMLPETProceduralColorNodePET-Heat"
 GREY = "vtkMRMLColorTableNodeGrey"
 UNCERTAINTY_REFERENCE = ATTRIBUTE + "Uncertainty"  # node reference from a result image to its voxel SD map
 JOB_OPTIONS = ("calibration_cps_per_MBq", "device", "windows", "output_dir", "collimator", "seed", "detector_binning",
-               "projector")
+               "projector", "isotope", "photopeaks")
 PROJECTORS = ("fast", "pytomography")  # the engine's system models: its own fast operator, PyTomography's (reference)
+ISOTOPES = ("177Lu", "99mTc", "111In", "131I")  # the engine's isotope registry (sspect/physics/isotopes.py)
 WINDOW_KEYS = ("peak", "lower", "upper")
 SHORT_PARAMS = {"iterations": "it", "subsets": "ss", "beta": "b"}
 UNITS = {  # unit the engine writes -> (UCUM code, meaning), quantity
@@ -181,10 +182,12 @@ class SelfSupervisedSPECTLogicBase:
     # -- the job -------------------------------------------------------------------------------
     def build_job(self, projection_node, ct_node, method="osem", params=None, calibration_cps_per_MBq=None,
                   device="auto", windows=None, output_dir=None, collimator=None, seed=0, detector_binning=1,
-                  projector="fast"):
+                  projector="fast", isotope=None, photopeaks=None):
         """Write a job file (sspect/jobs.py schema) into a new folder under ``work_root``.
 
-        ``projection_node`` may be a list of nodes, one per bed. Returns (job dict, job path).
+        ``projection_node`` may be a list of nodes, one per bed. ``isotope``: one of ``ISOTOPES``
+        (None: the engine detects it); ``photopeaks``: keV values as a list or "113,208" (None:
+        the isotope's default). Returns (job dict, job path).
         """
         projection_nodes = list(projection_node) if isinstance(projection_node, (list, tuple)) else [projection_node]
         params = dict(params or {})
@@ -208,6 +211,9 @@ class SelfSupervisedSPECTLogicBase:
             raise DoorError(f"The detector binning must be a whole number from 1 to 8, not {detector_binning!r}.")
         if projector not in PROJECTORS:
             raise DoorError(f"Unknown projector {projector!r}; choose fast or pytomography.")
+        if isotope is not None and isotope not in ISOTOPES:
+            raise DoorError(f"Unknown isotope {isotope!r}; choose {', '.join(ISOTOPES)} or leave it to the file.")
+        photopeaks = _photopeak_list(photopeaks)
         windows = dict(windows or {})
         unknown = sorted(set(windows) - set(WINDOW_KEYS))
         if unknown:
@@ -222,7 +228,7 @@ class SelfSupervisedSPECTLogicBase:
                "windows": {key: windows.get(key) for key in WINDOW_KEYS},
                "collimator": collimator, "calibration_cps_per_MBq": calibration_cps_per_MBq,
                "device": device, "seed": int(seed), "detector_binning": int(detector_binning),
-               "projector": projector, "formats": ["nrrd"], "name": None}
+               "projector": projector, "isotope": isotope, "photopeaks": photopeaks, "formats": ["nrrd"], "name": None}
         job_path = folder / "job.json"
         partial = folder / "job.json.partial"
         partial.write_text(json.dumps(job, indent=2))
@@ -249,8 +255,9 @@ class SelfSupervisedSPECTLogicBase:
     def reconstruct(self, projection_node, ct_node, method="osem", wait=False, on_event=None, **params):
         """Start the engine on these nodes; returns the EngineRun (finished when ``wait``).
 
-        Keyword arguments that are job options (calibration_cps_per_MBq, device, windows,
-        output_dir, collimator, seed) go to the job; the rest are the method's parameters.
+        Keyword arguments that are job options (``JOB_OPTIONS``: calibration_cps_per_MBq, device,
+        windows, output_dir, collimator, seed, isotope, photopeaks, ...) go to the job; the rest
+        are the method's parameters.
         """
         options = {key: params.pop(key) for key in JOB_OPTIONS if key in params}
         job, job_path = self.build_job(projection_node, ct_node, method, params, **options)
@@ -610,3 +617,17 @@ def _resample_mask(image, reference) -> np.ndarray:
     source = tuple(slice(lo[a] - got[2 * a], hi[a] - got[2 * a] + 1) for a in (2, 1, 0))
     mask[target] = values[source]
     return mask
+
+
+def _photopeak_list(photopeaks):
+    """keV values from "113,208" or a list; None stays None (the isotope's default)."""
+    if photopeaks is None:
+        return None
+    values = photopeaks.split(",") if isinstance(photopeaks, str) else list(photopeaks)
+    try:
+        keV = [float(v) for v in values if str(v).strip()]
+    except (TypeError, ValueError):
+        keV = []
+    if not keV or any(v <= 0 for v in keV):
+        raise DoorError(f"The photopeaks {photopeaks!r} must be keV values such as 208 or 113,208.")
+    return keV

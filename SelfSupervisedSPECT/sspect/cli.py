@@ -18,7 +18,7 @@ def _settings(args, method_params: dict):
 
     return Settings(method=args.method, params=method_params, peak_window=args.peak_window,
                     lower_window=args.lower_window, upper_window=args.upper_window, collimator=args.collimator,
-                    calibration_cps_per_MBq=args.calibration, device=args.device, seed=args.seed,
+                    isotope=args.isotope, photopeaks=args.photopeaks, calibration_cps_per_MBq=args.calibration, device=args.device, seed=args.seed,
                     formats=tuple(args.formats.split(",")), name=args.name, detector_binning=args.binning,
                     projector=args.projector)
 
@@ -52,18 +52,20 @@ def command_info(args) -> int:
             matches = inventory.ct_for(frame_of_reference_uid)
             ct_source = [str(f) for f in matches[0]["files"]] if matches else None
         study = load_study([file], ct_source, Settings(peak_window=args.peak_window, lower_window=args.lower_window,
-                                                       upper_window=args.upper_window, collimator=args.collimator))
+                                                       upper_window=args.upper_window, collimator=args.collimator,
+                                                       isotope=args.isotope, photopeaks=args.photopeaks))
         print(f"{file}")
         print(describe_study(study))
-        print(f"- collimator preset: {study.collimator}")
         print("- matching CT: " + ("given" if args.ct else "same Frame of Reference, found beside it" if study.ct else "none found"))
         print("- energy windows in the file:")
         for window in study.beds[0].windows:
-            role = {study.windows.peak.index: "photopeak"}
-            if study.windows.lower:
-                role[study.windows.lower.index] = "lower scatter"
-            if study.windows.upper:
-                role[study.windows.upper.index] = "upper scatter"
+            role = {}
+            for windows in study.peaks:
+                role[windows.peak.index] = f"{windows.photopeak_keV:g} keV photopeak"
+                if windows.lower:
+                    role[windows.lower.index] = f"{windows.photopeak_keV:g} keV lower scatter"
+                if windows.upper:
+                    role[windows.upper.index] = f"{windows.photopeak_keV:g} keV upper scatter"
             counts = float(study.beds[0].projections[window.index].sum())
             print(f"    {window.describe():40s} {counts:12.4g} counts  {role.get(window.index, '')}")
         for warning in study.warnings:
@@ -223,15 +225,21 @@ def _add_distribution_options(parser):
 
 
 def _add_study_options(parser):
-    windows = parser.add_argument_group("energy windows (automatic for 177Lu unless given: index or keV range like 187-229; 'none' for no scatter window)")
+    from .physics.collimators import COLLIMATORS
+    from .physics.isotopes import ISOTOPES
+
+    parser.add_argument("--isotope", help=f"{', '.join(ISOTOPES)}; from the file (radionuclide code, else its windows) unless given")
+    parser.add_argument("--photopeaks", metavar="KEV,KEV",
+                        help="photopeaks reconstructed together, e.g. 113,208 for 177Lu (default: the isotope's main one(s))")
+    windows = parser.add_argument_group("energy windows (automatic for the photopeak unless given: index or keV range like 187-229; 'none' for no scatter window)")
     windows.add_argument("--peak-window")
     windows.add_argument("--lower-window")
     windows.add_argument("--upper-window")
-    parser.add_argument("--collimator", help="collimator preset (GE-MEGP, SIEMENS-ME); detected from the file unless given")
+    parser.add_argument("--collimator", help=f"collimator ({', '.join(COLLIMATORS)}); detected from the file unless given")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sspect", description="Quantitative 177Lu SPECT reconstruction.")
+    parser = argparse.ArgumentParser(prog="sspect", description="Quantitative SPECT reconstruction (177Lu, 99mTc, 111In, 131I).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="summarise a SPECT study: windows, views, orbit, detectors, matching CT")

@@ -9,6 +9,8 @@ Job file (JSON)::
      "method": "osem", "params": {"iterations": 4, "subsets": 6},
      "windows": {"peak": null, "lower": null, "upper": null},   # index, "low-high" keV, "none"
      "collimator": null, "calibration_cps_per_MBq": null,
+     "isotope": null,                        # optional: "177Lu", "99mTc", "111In", "131I"; null: from the file
+     "photopeaks": null,                     # optional: keV list such as [113, 208]; null: the isotope's default
      "device": "auto", "seed": 0, "formats": ["nrrd", "dicom"], "name": null,
      "detector_binning": 1,                  # optional: 2 sums 2x2 detector pixels (one bed)
      "projector": "fast"}                    # optional: "pytomography" for PyTomography's own (reference) model
@@ -38,7 +40,7 @@ from .pipeline import Settings, run
 JOB_VERSION = 1
 JOB_KEYS = {"version", "nm", "ct", "output_dir", "method", "params", "windows", "collimator",
             "calibration_cps_per_MBq", "device", "seed", "formats", "name", "detector_binning",
-            "projector"}
+            "projector", "isotope", "photopeaks"}
 WINDOW_KEYS = {"peak", "lower", "upper"}
 
 
@@ -79,6 +81,13 @@ def _check_value_types(job: dict) -> None:
     projector = job.get("projector", "fast")
     if not isinstance(projector, str):
         raise SSPECTError(f"The job's 'projector' must be \"fast\" or \"pytomography\", not {json.dumps(projector)}.")
+    isotope = job.get("isotope")
+    if isotope is not None and not isinstance(isotope, str):
+        raise SSPECTError(f"The job's 'isotope' must be a name such as \"177Lu\" or null, not {json.dumps(isotope)}.")
+    photopeaks = job.get("photopeaks")
+    if photopeaks is not None and not (isinstance(photopeaks, list) and photopeaks
+                                       and all(isinstance(p, (int, float)) and not isinstance(p, bool) for p in photopeaks)):
+        raise SSPECTError(f"The job's 'photopeaks' must be a list of keV values such as [113, 208] or null, not {json.dumps(photopeaks)}.")
     formats = job.get("formats")
     if formats is not None and not (isinstance(formats, list) and all(isinstance(f, str) for f in formats)):
         raise SSPECTError("The job's 'formats' must be a list of names such as [\"nrrd\", \"dicom\"].")
@@ -89,7 +98,7 @@ def settings_from_job(job: dict) -> Settings:
     return Settings(
         method=job.get("method", "osem"), params=job.get("params") or {},
         peak_window=windows.get("peak"), lower_window=windows.get("lower"), upper_window=windows.get("upper"),
-        collimator=job.get("collimator"), calibration_cps_per_MBq=job.get("calibration_cps_per_MBq"),
+        collimator=job.get("collimator"), isotope=job.get("isotope"), photopeaks=job.get("photopeaks"), calibration_cps_per_MBq=job.get("calibration_cps_per_MBq"),
         device=job.get("device", "auto"), seed=int(job.get("seed", 0)),
         formats=tuple(job.get("formats") or Settings.formats), name=job.get("name"),
         detector_binning=job.get("detector_binning", 1), projector=job.get("projector", "fast"))

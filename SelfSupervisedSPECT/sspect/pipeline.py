@@ -18,8 +18,9 @@ from .io.ct import CTSeries, check_ct_matches, mu_volume, read_ct_series, resamp
 from .io.nm import ProjectionStudy, bin_detector, read_projections
 from .io.windows import NONE_WORDS, WindowChoice, choose_windows
 from .methods import Events, get_method
-from .physics.presets import LU177_PHOTOPEAK_KEV, collimator_preset, detect_collimator
-from .physics.system import build_problem
+from .physics.collimators import Collimator, detect_collimator, get_collimator, serving_warning
+from .physics.isotopes import Isotope, detect_isotope, get_isotope, parse_photopeaks
+from .physics.system import Geometry, PeakData, build_problem, tew_scatter
 from .volume import Volume
 
 FORMATS = ("nrrd", "nifti", "dicom")
@@ -35,6 +36,8 @@ class Settings:
     lower_window: str | int | None = None
     upper_window: str | int | None = None
     collimator: str | None = None
+    isotope: str | None = None  # a name or alias; None: from the file
+    photopeaks: str | tuple | None = None  # keV values such as "113,208"; None: the isotope's default
     calibration_cps_per_MBq: float | None = None
     device: str = "auto"
     seed: int = 0
@@ -48,8 +51,9 @@ class Settings:
 class Study:
     beds: list[ProjectionStudy]
     ct: CTSeries | None
-    windows: WindowChoice
-    collimator: str
+    isotope: Isotope
+    peaks: list[WindowChoice]  # one per photopeak reconstructed, the main one first
+    collimator: Collimator
     warnings: list[str]
 
 
@@ -64,7 +68,9 @@ def check_settings(settings: Settings) -> None:
     if unknown:
         raise SSPECTError(f"Unknown output format {', '.join(unknown)}; choose from {', '.join(FORMATS)}.")
     if settings.collimator:
-        collimator_preset(settings.collimator)
+        get_collimator(settings.collimator)
+    if settings.isotope:
+        parse_photopeaks(get_isotope(settings.isotope), settings.photopeaks)
     if settings.calibration_cps_per_MBq is not None and settings.calibration_cps_per_MBq <= 0:
         raise SSPECTError("The calibration factor must be positive (counts per second per MBq).")
     if isinstance(settings.detector_binning, bool) or settings.detector_binning not in range(1, 9):
@@ -91,30 +97,72 @@ def load_study(nm_paths, ct_source=None, settings: Settings | None = None) -> St
         if not same_acquisition:
             raise SSPECTError(f"The bed {bed.path} does not belong to the same study and acquisition as {first.path} (study, views, pixels, frame duration and windows must match); give the beds of one study.")
     beds.sort(key=lambda bed: bed.affine[2, 3])
-    windows = choose_windows(first.windows, settings.peak_window, settings.lower_window, settings.upper_window)
-    if windows.scatter_method == "none":
-        switched_off = any(str(w).strip().lower() in NONE_WORDS for w in (settings.lower_window, settings.upper_window) if w is not None)
-        warnings.append("The scatter windows were switched off; the image is not scatter corrected." if switched_off
-                        else "No scatter window was found next to the photopeak; the image is not scatter corrected.")
-    collimator = settings.collimator or detect_collimator(first.manufacturer, first.collimator)
-    collimator_preset(collimator)
+    isotope = study_isotope(first, settings.isotope, warnings)
+    photopeaks = parse_photopeaks(isotope, settings.photopeaks)
+    if len(photopeaks) > 1 and any(w is not None for w in (settings.peak_window, settings.lower_window, settings.upper_window)):
+        raise SSPECTError("Windows given by hand serve one photopeak; give one photopeak with them, or leave the windows automatic.")
+    peaks = [choose_windows(first.windows, photopeak.energy_keV, settings.peak_window, settings.lower_window, settings.upper_window)
+             for photopeak in photopeaks]
+    switched_off = any(str(w).strip().lower() in NONE_WORDS for w in (settings.lower_window, settings.upper_window) if w is not None)
+    for windows in peaks:
+        if windows.scatter_method == "none":
+            warnings.append("The scatter windows were switched off; the image is not scatter corrected." if switched_off
+                            else f"No scatter window was found next to the {windows.photopeak_keV:g} keV photopeak; it is not scatter corrected.")
+    collimator = get_collimator(settings.collimator) if settings.collimator else detect_collimator(first.manufacturer, first.collimator)
+    warnings += [w for w in [serving_warning(collimator, isotope)] if w]
     ct = None
     if ct_source is not None:
         ct = read_ct_series(ct_source, first.frame_of_reference_uid)
         for bed in beds:
-            warnings += check_ct_matches(ct, bed, windows.peak.index)
+            warnings += check_ct_matches(ct, bed, peaks[0].peak.index)
     else:
         warnings.append("No CT was given; the image is not attenuation corrected.")
-    return Study(beds, ct, windows, collimator, sorted(set(warnings)))
+    return Study(beds, ct, isotope, peaks, collimator, sorted(set(warnings)))
+
+
+def study_isotope(bed: ProjectionStudy, given: str | None, warnings: list[str]) -> Isotope:
+    """The isotope given, else the one the file names (its radionuclide code or its windows)."""
+    found = detect_isotope(bed.radionuclide_code, [w.centre_keV for w in bed.windows])
+    if given:
+        isotope = get_isotope(given)
+        if found is not None and found is not isotope and bed.radionuclide_code:
+            warnings.append(f"The file names {found.name} but {isotope.name} was given; {isotope.name} is reconstructed.")
+        return isotope
+    if found is None:
+        raise SSPECTError("The file names no radionuclide and no energy window holds a known photopeak; "
+                          "give the isotope with --isotope (177Lu, 99mTc, 111In or 131I).")
+    return found
+
+
+def bed_geometry(bed: ProjectionStudy) -> Geometry:
+    return Geometry(bed.object_shape, (bed.pixel_mm[0] / 10, bed.pixel_mm[1] / 10), bed.angles_deg, bed.radii_cm)
+
+
+def peak_data(bed: ProjectionStudy, windows: WindowChoice, mu: np.ndarray | None) -> PeakData:
+    """One photopeak's counts, its own TEW/DEW scatter estimate and the mu map at its energy."""
+    def counts(window):
+        return None if window is None else bed.projections[window.index]
+
+    scatter = tew_scatter(windows.peak.width_keV, counts(windows.lower), windows.lower.width_keV if windows.lower else None,
+                          counts(windows.upper), windows.upper.width_keV if windows.upper else None)
+    return PeakData(windows.photopeak_keV, bed.projections[windows.peak.index], scatter, mu,
+                    (windows.peak.lower_keV, windows.peak.upper_keV))
+
+
+def ct_mu_volumes(study: Study) -> list[Volume | None]:
+    """The CT as mu at each photopeak's energy, on its own grid (converted once, resampled per bed)."""
+    return [mu_volume(study.ct, windows.photopeak_keV) if study.ct else None for windows in study.peaks]
+
+
+def problem_of_bed(study: Study, bed: ProjectionStudy, mu_volumes, device: str = "auto", projector: str = "fast"):
+    peaks = [peak_data(bed, windows, None if mu is None else resample(mu, bed.affine, bed.object_shape))
+             for windows, mu in zip(study.peaks, mu_volumes)]
+    return build_problem(peaks, bed_geometry(bed), study.collimator, study.isotope, device, projector)
 
 
 def bed_problem(study: Study, bed: int = 0, device: str = "auto", projector: str = "fast"):
-    """The reconstruction problem of one bed: its counts, the CT's attenuation map on its grid and the system model."""
-    from .io.ct import attenuation_map
-
-    projections = study.beds[bed]
-    mu = attenuation_map(study.ct, projections, LU177_PHOTOPEAK_KEV) if study.ct else None
-    return build_problem(projections, study.windows, mu, study.collimator, device, projector=projector)
+    """The reconstruction problem of one bed: its counts, the CT's attenuation maps on its grid and the system model."""
+    return problem_of_bed(study, study.beds[bed], ct_mu_volumes(study), device, projector)
 
 
 def bq_per_ml_factor(calibration_cps_per_MBq: float, frame_duration_s: float, voxel_ml: float) -> float:
@@ -142,10 +190,9 @@ def reconstruct_study(study: Study, settings: Settings, events: Events | None = 
         scale, unit = bq_per_ml_factor(settings.calibration_cps_per_MBq, first.frame_duration_s, voxel_ml), "Bq/mL"
     images, infos, uncertainties = [], [], []
     method_seconds = 0.0
-    ct_mu = mu_volume(study.ct, LU177_PHOTOPEAK_KEV) if study.ct else None  # converted once, resampled per bed
+    mu_volumes = ct_mu_volumes(study)
     for number, bed in enumerate(study.beds):
-        mu = resample(ct_mu, bed.affine, bed.object_shape) if ct_mu is not None else None
-        problem = build_problem(bed, study.windows, mu, study.collimator, settings.device, projector=settings.projector)
+        problem = problem_of_bed(study, bed, mu_volumes, settings.device, settings.projector)
         bed_events = Events(lambda event, n=number: events.emit(**_per_bed(event, n, len(study.beds))),
                             should_stop=events.should_stop,
                             on_iterate=(lambda iteration, image: events.iterate(iteration, image * scale))
@@ -169,10 +216,12 @@ def reconstruct_study(study: Study, settings: Settings, events: Events | None = 
         "software": {"sspect": __version__, **_versions()},
         "method": method.name, "method_title": method.title, "params": params,
         "seed": settings.seed, "device": str(problem.device), "projector": settings.projector, "unit": volume.unit,
-        "windows": {"peak": _window_dict(study.windows.peak), "lower": _window_dict(study.windows.lower),
-                    "upper": _window_dict(study.windows.upper), "scatter_method": study.windows.scatter_method},
-        "collimator": study.collimator, "collimator_code": collimator_preset(study.collimator).code,
-        "corrections": ["attenuation"] * bool(study.ct) + ["scatter"] * (study.windows.scatter_method != "none")
+        "isotope": {"name": study.isotope.name, "half_life_s": study.isotope.half_life_s,
+                    "code": [study.isotope.code_value, study.isotope.coding_scheme, study.isotope.code_meaning]},
+        "windows": [{"photopeak_keV": w.photopeak_keV, "peak": _window_dict(w.peak), "lower": _window_dict(w.lower),
+                     "upper": _window_dict(w.upper), "scatter_method": w.scatter_method} for w in study.peaks],
+        "collimator": study.collimator.name, "collimator_code": study.collimator.code,
+        "corrections": ["attenuation"] * bool(study.ct) + ["scatter"] * any(w.scatter_method != "none" for w in study.peaks)
         + ["collimator_detector_response"],
         "calibration_cps_per_MBq": settings.calibration_cps_per_MBq, "detector_binning": settings.detector_binning,
         "uncertainty": volume.uncertainty is not None,
@@ -242,9 +291,10 @@ def describe_study(study: Study) -> str:
             f"rotation {'/'.join(bed.rotation_directions)}, radius {bed.radii_cm.min() * 10:.0f}-{bed.radii_cm.max() * 10:.0f} mm, "
             f"{bed.projections.shape[2]}x{bed.projections.shape[3]} pixels of {bed.pixel_mm[0]:.2f} mm, "
             f"{bed.frame_duration_s:g} s per view, collimator '{bed.collimator}'")
-    lines.append(f"- windows: {study.windows.describe()}")
-    peak = study.beds[0].projections[study.windows.peak.index]
-    lines.append(f"- photopeak counts: {float(peak.sum()):.4g} in bed 1")
+    lines.append(f"- isotope: {study.isotope.name}; collimator {study.collimator.name} ({study.collimator.code})")
+    for windows in study.peaks:
+        peak = study.beds[0].projections[windows.peak.index]
+        lines.append(f"- windows: {windows.describe()}; {float(peak.sum()):.4g} photopeak counts in bed 1")
     if study.ct:
         shape = study.ct.volume.array.shape
         lines.append(f"- CT: {len(study.ct.files)} slices, {shape[0]}x{shape[1]}, "
@@ -291,7 +341,7 @@ def write_results(volume: Volume, provenance: dict, study: Study, settings: Sett
         first = study.beds[0]
         write_dicom_series(volume, files["dicom"], reference_nm_path=first.path, overwrite=True, metadata={
             "reconstruction_method": f"{provenance['method_title']} ({', '.join(f'{k}={v}' for k, v in provenance['params'].items())})",
-            "corrections": provenance["corrections"],
+            "corrections": provenance["corrections"], "radionuclide": study.isotope.radionuclide_metadata(),
             "acquisition_duration_s": first.frame_duration_s * first.n_views / max(first.n_detectors, 1)},
             series_description=f"sspect {name} [{volume.unit}]")
     files["preview"] = str(out_dir / f"{name}_preview.png")

@@ -56,8 +56,9 @@ def write_report(path: Path, provenance: dict, volume: Volume, files: dict, stud
         "",
         "## Settings",
         f"- method: `{provenance['method']}` ({params})",
-        f"- windows: {provenance['windows']['scatter_method']} scatter correction; photopeak "
-        f"{provenance['windows']['peak']['lower_keV']:.1f}-{provenance['windows']['peak']['upper_keV']:.1f} keV",
+        f"- isotope: {provenance['isotope']['name']}; windows: " + "; ".join(
+            f"{w['photopeak_keV']:g} keV photopeak {w['peak']['lower_keV']:.1f}-{w['peak']['upper_keV']:.1f} keV "
+            f"({w['scatter_method']} scatter correction)" for w in provenance["windows"]),
         f"- corrections: {', '.join(provenance['corrections'])}; collimator {provenance['collimator']} "
         f"(PyTomography code {provenance['collimator_code']})",
         f"- device {provenance['device']}, seed {provenance['seed']}, run time {provenance['run_time_s']} s",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import math
 
@@ -11,15 +12,14 @@ from scipy.ndimage import binary_dilation, binary_erosion
 
 from sspect.errors import SSPECTError
 from sspect.methods import Cancelled, Events, get_method
-from sspect.physics.system import build_problem
-from sspect.pipeline import Settings, reconstruct_study
+from sspect.pipeline import Settings, bed_problem, reconstruct_study
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def problem_without_ct(study):
-    return build_problem(study.beds[0], study.windows, None, study.collimator, "cpu")
+    return bed_problem(dataclasses.replace(study, ct=None), device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ def test_demo_writes_image_preview_provenance_and_report(tmp_path, capsys):
     assert abs(error) < 5, report
     assert "liver mean" in report and "unit: Bq/mL" in report
     provenance = json.loads((tmp_path / "demo_osem_provenance.json").read_text())
-    assert provenance["unit"] == "Bq/mL" and provenance["windows"]["scatter_method"] == "TEW"
+    assert provenance["unit"] == "Bq/mL" and provenance["windows"][0]["scatter_method"] == "TEW"
     assert set(provenance["corrections"]) == {"attenuation", "scatter", "collimator_detector_response"}
     image = read_image(tmp_path / "demo_osem.nrrd")
     assert image.unit == "Bq/mL" and image.array.max() > 0

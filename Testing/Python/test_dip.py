@@ -7,6 +7,7 @@ the early-stopping and the image-quality tests.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import time
@@ -17,8 +18,7 @@ import torch
 
 from sspect.eval.metrics import nrmse
 from sspect.methods import Events, all_methods, get_method
-from sspect.physics.system import build_problem
-from sspect.pipeline import Settings, reconstruct_study
+from sspect.pipeline import Settings, bed_problem, reconstruct_study
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -101,7 +101,7 @@ def test_dip_beats_noisy_osem_against_the_truth(problem, default_run, small_stud
 
 
 def test_dip_without_ct_takes_noise_as_input(study):
-    problem_without_ct = build_problem(study.beds[0], study.windows, None, study.collimator, "cpu")
+    problem_without_ct = bed_problem(dataclasses.replace(study, ct=None), device="cpu")
     events = []
     result = get_method("dip").reconstruct(problem_without_ct, TINY, Events(events.append))
     assert result.info["input"] == "noise" and np.all(np.isfinite(result.image))

@@ -23,7 +23,6 @@ from sspect.methods.dl_bpf import load_network
 from sspect.methods.toolkit.inputs import backprojection_image
 from sspect.training.dl_bpf import pretrain
 from sspect.pipeline import Settings, bed_problem, load_study
-from sspect.physics.system import build_problem
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -55,7 +54,7 @@ def pretrained(other_scans, tmp_path_factory):
     """A tiny network pretrained on the two other scans."""
     path = tmp_path_factory.mktemp("weights") / "dl_bpf.safetensors"
     events = []
-    metadata = pretrain(other_scans, path, steps=8, seed=3, features=4, pretrain_steps=4, collimator="GI-MEGP",
+    metadata = pretrain(other_scans, path, steps=8, seed=3, features=4, pretrain_steps=4,
                         events=Events(events.append))
     return {"path": path, "metadata": metadata, "events": events}
 
@@ -121,7 +120,7 @@ def test_dl_bpf_runs_end_to_end_with_progress_and_iterates(problem):
 
 
 def test_dl_bpf_without_ct_has_one_input_channel(study):
-    without_ct = build_problem(study.beds[0], study.windows, None, study.collimator, "cpu")
+    without_ct = bed_problem(dataclasses.replace(study, ct=None), device="cpu")
     events = []
     result = get_method("dl-bpf").reconstruct(without_ct, TINY, Events(events.append))
     assert result.info["input"] == "back projection" and "1 input channel" in result.info["network"]
@@ -201,7 +200,7 @@ def test_a_network_that_does_not_fit_is_refused(pretrained, problem, study, tmp_
     method = get_method("dl-bpf")
     with pytest.raises(SSPECTError, match="4 features and 2 input channel.*asks for 8"):
         method.reconstruct(problem, {"features": 8, "weights": path, "fine_tune_steps": 0})
-    without_ct = build_problem(study.beds[0], study.windows, None, study.collimator, "cpu")
+    without_ct = bed_problem(dataclasses.replace(study, ct=None), device="cpu")
     with pytest.raises(SSPECTError, match="ct_input = true"):
         method.reconstruct(without_ct, {"features": 4, "weights": path, "fine_tune_steps": 0})
     coarser = _simulated_problem(tmp_path / "coarse", 4, 20.0, shape=(16, 16, 16), voxel_mm=24.0)

@@ -17,6 +17,7 @@ from sspect.atomic import atomic_directory, atomic_path, write_json_atomic, writ
 from sspect.errors import SSPECTError
 from sspect.io.dicom_export import read_dicom_series, write_dicom_series
 from sspect.io.volume_files import read_image, write_nifti, write_nrrd
+from sspect.physics.isotopes import LUTETIUM_177
 from sspect.volume import Volume
 
 OBLIQUE = Rotation.from_euler("xyz", [10, -20, 35], degrees=True).as_matrix()
@@ -165,6 +166,7 @@ def test_dicom_takes_study_patient_and_dates_from_the_reference_nm(tmp_path):
         "injected_activity_MBq": 7400,
         "injection_datetime": "2024-02-28T09:00:00",
         "radiopharmaceutical": "177Lu-PSMA-617",
+        "radionuclide": LUTETIUM_177.radionuclide_metadata(),
         "software": ["PyTomography 3.4.0"],
     }
     folder = write_dicom_series(ramp_volume(), tmp_path / "dicom", reference_nm_path=nm_path, metadata=metadata)

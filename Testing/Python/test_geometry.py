@@ -9,9 +9,12 @@ from pydicom.uid import generate_uid
 
 from sspect.io.volume_files import read_image
 from sspect.pipeline import Settings, load_study, reconstruct_study, write_results
-from sspect.sim.acquisition import LU177_LOWER_SCATTER, LU177_PEAK, LU177_UPPER_SCATTER, simulate_projections
+from sspect.physics.isotopes import LUTETIUM_177
+from sspect.sim.acquisition import simulate_projections
 from sspect.sim.dicom_writer import write_ct_series, write_nm_tomo
 from sspect.sim.phantoms.point_source import point_source_phantom
+
+LU208 = LUTETIUM_177.photopeak(208.0)
 
 VOXEL_MM = 8.0
 POINT_LPS = (37.0, -52.0, -171.0)  # off-centre in x and y, off the voxel grid
@@ -26,7 +29,7 @@ def _write_point_study(folder, layout, rotation):
     simulated = simulate_projections(phantom.activity, mu, phantom.spacing, n_views=32, radius_mm=200.0,
                                      counts_scale=200.0, seed=3, upsample=2, noise=False)
     nm = write_nm_tomo(folder / "NM" / "point.dcm", [simulated.peak, simulated.lower, simulated.upper],
-                       [LU177_PEAK, LU177_LOWER_SCATTER, LU177_UPPER_SCATTER], simulated.angles_deg,
+                       [LU208.window, LU208.lower_scatter, LU208.upper_scatter], simulated.angles_deg,
                        simulated.radii_cm, VOXEL_MM, phantom.origin, layout=layout, rotation=rotation,
                        study_uid=study_uid, frame_of_reference_uid=frame_uid)
     return nm, ct_files

@@ -13,7 +13,7 @@ def test_info_on_a_study_folder_finds_the_matching_ct(capsys, small_study):
     assert "24 views over 360 deg" in out and "rotation CC" in out and "1 detector(s)" in out
     assert "photopeak #0" in out and "(TEW)" in out
     assert "matching CT: same Frame of Reference" in out
-    assert "collimator preset: GE-MEGP" in out
+    assert "isotope: 177Lu; collimator GE-MEGP" in out
 
 
 def test_info_ignores_a_ct_from_another_frame_of_reference(capsys, tmp_path, small_study):

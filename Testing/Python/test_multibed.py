@@ -19,10 +19,13 @@ from pydicom.uid import generate_uid
 from sspect.errors import SSPECTError
 from sspect.methods import Events
 from sspect.pipeline import Settings, load_study, reconstruct_study
-from sspect.sim.acquisition import LU177_LOWER_SCATTER, LU177_PEAK, LU177_UPPER_SCATTER, simulate_projections
+from sspect.physics.isotopes import LUTETIUM_177
+from sspect.sim.acquisition import simulate_projections
 from sspect.sim.dicom_writer import write_ct_series, write_nm_tomo
 from sspect.sim.phantoms.geometry import centred_origin
 from sspect.volume import Volume
+
+LU208 = LUTETIUM_177.photopeak(208.0)
 
 VOXEL_MM = 12.0
 SHAPE = (32, 32, 48)
@@ -34,7 +37,7 @@ N_VIEWS = 24
 SPHERE_RADIUS_MM = 30.0
 # voxel index of each sphere centre: A only in bed 1 (slices 0..15), B only in bed 2 (32..47)
 SPHERES = {"A": ((11, 13, 7), 0.6), "B": ((20, 18, 40), 0.6)}
-WINDOWS = [LU177_PEAK, LU177_UPPER_SCATTER, LU177_LOWER_SCATTER]  # GE order
+WINDOWS = [LU208.window, LU208.upper_scatter, LU208.lower_scatter]  # GE order
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -59,7 +62,7 @@ def _mu_map(hu, ct_files):
     from pytomography.io.SPECT.dicom import get_HU2mu_conversion
 
     with contextlib.redirect_stdout(io.StringIO()):
-        hu_to_mu = get_HU2mu_conversion([str(f) for f in ct_files], (LU177_PEAK.lower_keV + LU177_PEAK.upper_keV) / 2)
+        hu_to_mu = get_HU2mu_conversion([str(f) for f in ct_files], LU208.energy_keV)
     return hu_to_mu(hu.astype(np.float64)).astype(np.float32)
 
 

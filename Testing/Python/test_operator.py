@@ -7,6 +7,7 @@ same subsets and batches, and PyTomography's algorithms must run on it unchanged
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 
 import numpy as np
@@ -14,7 +15,6 @@ import pytest
 import torch
 
 from sspect.physics.operator import BackProjection, Projection, SPECTOperator
-from sspect.physics.system import build_problem
 from sspect.pipeline import Settings, bed_problem, load_study
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -234,4 +234,4 @@ def test_unknown_projector_is_refused_in_one_sentence(study):
     from sspect.errors import SSPECTError
 
     with pytest.raises(SSPECTError, match="Unknown projector 'fastest'; choose fast or pytomography"):
-        build_problem(study.beds[0], study.windows, None, study.collimator, "cpu", projector="fastest")
+        bed_problem(dataclasses.replace(study, ct=None), device="cpu", projector="fastest")

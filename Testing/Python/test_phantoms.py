@@ -289,7 +289,7 @@ def _simulate(phantom, frame_duration_s, n_views, noise=False, seed=0):
     from sspect.sim.dicom_writer import hu_to_mu
 
     scale = realistic_counts_scale(phantom.voxel_volume_ml, frame_duration_s=frame_duration_s)
-    return simulate_projections(phantom.activity, hu_to_mu(phantom.hu), phantom.spacing, n_views=n_views,
+    return simulate_projections(phantom.activity, hu_to_mu(phantom.hu, 208.0), phantom.spacing, n_views=n_views,
                                 radius_mm=ACQUISITION_177LU.radius_mm, collimator=ACQUISITION_177LU.collimator,
                                 counts_scale=scale, noise=noise, seed=seed)
 

@@ -30,8 +30,9 @@ def test_reads_windows_orbit_and_geometry_like_pytomography(real_study):
 
 def test_automatic_windows_pick_photopeak_and_tew(real_study):
     study = load_study(real_study["nm"], None)
-    assert (study.windows.peak.index, study.windows.lower.index, study.windows.upper.index) == (1, 3, 2)
-    assert study.windows.scatter_method == "TEW" and study.collimator == "GE-MEGP"
+    (windows,) = study.peaks
+    assert (windows.peak.index, windows.lower.index, windows.upper.index) == (1, 3, 2)
+    assert windows.scatter_method == "TEW" and study.collimator.name == "GE-MEGP" and study.isotope.name == "177Lu"
 
 
 def test_ct_is_read_sorted_in_patient_coordinates(real_study):

@@ -6,17 +6,19 @@ import pydicom
 import pytest
 
 from sspect.errors import SSPECTError
-from sspect.sim.acquisition import (LU177_LOWER_SCATTER, LU177_PEAK, LU177_UPPER_SCATTER, WindowSpec,
-                                    simulate_projections)
+from sspect.physics.isotopes import LUTETIUM_177, EnergyRange
+from sspect.sim.acquisition import simulate_projections
 from sspect.sim.dicom_writer import write_ct_series, write_demo_study, write_nm_tomo
 from sspect.sim.phantoms.demo import demo_phantom
 from sspect.sim.phantoms.point_source import point_source_phantom
 from sspect.volume import Volume
 
+LU208 = LUTETIUM_177.photopeak(208.0)
+
 pytomography_dicom = pytest.importorskip("pytomography.io.SPECT.dicom")
 
 N_VIEWS, N_R, N_Z = 12, 10, 7  # Lr != Lz so that a transposed frame cannot pass
-WINDOWS = [LU177_PEAK, LU177_LOWER_SCATTER, WindowSpec("extra", 100.0, 120.0)]
+WINDOWS = [LU208.window, LU208.lower_scatter, EnergyRange("extra", 100.0, 120.0)]
 
 
 def _random_projections(seed=1):
@@ -69,7 +71,7 @@ def test_view_at_zero_degrees_keeps_its_place(tmp_path, layout, n_views):
     """Steps like 360/13 are inexact in binary: the 0 degree view must not come back as 359.999..."""
     projections = np.random.default_rng(2).integers(0, 100, size=(n_views, 4, 3)).astype(np.float32)
     angles = np.linspace(0.0, 360.0, n_views, endpoint=False)
-    path = write_nm_tomo(tmp_path / "nm.dcm", [projections], [LU177_PEAK], angles, np.full(n_views, 25.0), 4.0,
+    path = write_nm_tomo(tmp_path / "nm.dcm", [projections], [LU208.window], angles, np.full(n_views, 25.0), 4.0,
                          (0.0, 1.0, 0.0), layout=layout, rotation="CW")
     read, read_angles, _, _ = pytomography_dicom.parse_projection_dataset(pydicom.dcmread(path))
     np.testing.assert_array_equal(read.cpu().numpy()[0, 0], projections)
@@ -109,7 +111,7 @@ def test_real_ge_study_rewritten_reads_back_the_same(tmp_path, real_study):
     original = pydicom.dcmread(real_study["nm"])
     projections, angles, radii, _ = pytomography_dicom.parse_projection_dataset(original)
     projections = projections.cpu().numpy()[:, 0]
-    windows = [WindowSpec(str(item.EnergyWindowName), float(item.EnergyWindowRangeSequence[0].EnergyWindowLowerLimit),
+    windows = [EnergyRange(str(item.EnergyWindowName), float(item.EnergyWindowRangeSequence[0].EnergyWindowLowerLimit),
                           float(item.EnergyWindowRangeSequence[0].EnergyWindowUpperLimit))
                for item in original.EnergyWindowInformationSequence]
     affine = pytomography_dicom._get_affine_spect_projections(real_study["nm"])
@@ -163,8 +165,8 @@ def test_tew_reproduces_the_simulated_scatter(small_study):
     phantom, mu = small_study
     sim = simulate_projections(phantom.activity, mu, phantom.spacing, n_views=16, radius_mm=240.0,
                                counts_scale=50.0, noise=False)
-    tew = compute_EW_scatter(torch.from_numpy(sim.lower), torch.from_numpy(sim.upper), LU177_LOWER_SCATTER.width_keV,
-                             LU177_UPPER_SCATTER.width_keV, LU177_PEAK.width_keV).cpu().numpy()
+    tew = compute_EW_scatter(torch.from_numpy(sim.lower), torch.from_numpy(sim.upper), LU208.lower_scatter.width_keV,
+                             LU208.upper_scatter.width_keV, LU208.window.width_keV).cpu().numpy()
     assert abs(tew.sum() / sim.expected_scatter.sum() - 1) < 0.01
     significant = sim.expected_scatter > 0.01 * sim.expected_scatter.max()
     np.testing.assert_allclose(tew[significant], sim.expected_scatter[significant], rtol=0.02)

@@ -500,6 +500,8 @@ def test_user_errors_are_one_sentence_and_leave_the_scene_alone(study, logic, sl
         "bad calibration": lambda: logic.build_job(projections, ct, calibration_cps_per_MBq=-1),
         "bad window role": lambda: logic.build_job(projections, ct, windows={"photopeak": 1}),
         "unknown projector": lambda: logic.build_job(projections, ct, projector="fastest"),
+        "unknown isotope": lambda: logic.build_job(projections, ct, isotope="Xe133"),
+        "bad photopeaks": lambda: logic.build_job(projections, ct, photopeaks="high"),
         "no segmentation": lambda: logic.dosimetry_table(None, [study["result"]]),
         "missing file": lambda: logic.load_ct_series([str(study["ct_files"][0]) + ".missing"]),
     }
@@ -518,8 +520,9 @@ def test_job_file_follows_the_engine_schema(study, logic):
 
     job, path = logic.build_job(study["projection_node"], study["ct_node"], "osem", {"iterations": 3},
                                 calibration_cps_per_MBq=9.0, device="cpu", windows={"lower": "none"},
-                                projector="pytomography")
+                                projector="pytomography", isotope="177Lu", photopeaks="113, 208")
     assert set(job) == JOB_KEYS and read_job(path) == job and job["projector"] == "pytomography"
+    assert job["isotope"] == "177Lu" and job["photopeaks"] == [113.0, 208.0]
     assert job["nm"] == [str(study["nm"])] and job["ct"] == [str(p) for p in study["ct_files"]]
     assert job["formats"] == ["nrrd"] and job["windows"] == {"peak": None, "lower": "none", "upper": None}
     assert Path(job["output_dir"]) == path.parent and path.parent.parent == logic.work_root

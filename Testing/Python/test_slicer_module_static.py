@@ -271,3 +271,14 @@ def test_requirements_match_the_engine_dependencies():
               if line.strip() and not line.lstrip().startswith("#")]
     assert sorted(listed) == sorted(declared)
     assert not any(re.match(r"^torch\b", line) for line in listed), "torch is installed separately (PyTorch extension)"
+
+
+def test_isotope_choices_match_the_engine_registry():
+    from sspect.physics.isotopes import ISOTOPES
+
+    combo = next(w for w in _ui_tree().iter("widget") if w.get("name") == "isotopeComboBox")
+    choices = _constant(MODULE_FILE, "ISOTOPE_CHOICES")
+    assert len(combo.findall("item")) == len(choices) and choices[0] is None
+    assert tuple(choices[1:]) == _constant(LIB_DIR / "logic.py", "ISOTOPES") == tuple(ISOTOPES)
+    assert _constant(LIB_DIR / "dicom.py", "MAIN_PHOTOPEAK_KEV") == {
+        isotope.code_value: isotope.default_photopeaks_keV[0] for isotope in ISOTOPES.values()}

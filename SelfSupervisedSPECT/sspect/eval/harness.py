@@ -88,7 +88,7 @@ def simulate_expected(spec: PhantomSpec, config: HarnessConfig) -> dict:
 
     fine = spec.build(config, config.oversample)
     coarse = spec.build(config)
-    expected = simulate_projections(fine.activity, hu_to_mu(fine.hu), fine.spacing, n_views=config.n_views,
+    expected = simulate_projections(fine.activity, lambda energy_keV: hu_to_mu(fine.hu, energy_keV), fine.spacing, n_views=config.n_views,
                                     radius_mm=config.radius_mm, collimator=config.collimator_code,
                                     counts_scale=fine.voxel_volume_ml, noise=False,
                                     detector_binning=config.oversample)
@@ -155,8 +155,8 @@ def write_case_study(simulated: dict, case: Case, config: HarnessConfig, folder:
                          seed=10_000 * case.realisation + 17)
     with contextlib.redirect_stdout(io.StringIO()):
         ct_files = write_ct_series(folder / "CT", truth.hu_volume, *_uids(case))
-        nm = write_nm_tomo(folder / "NM" / "projections.dcm", [counts.peak, counts.upper, counts.lower],
-                           list(_windows_ge_order(counts)), counts.angles_deg, counts.radii_cm, config.voxel_mm,
+        windows, window_counts = counts.windows_in_order()
+        nm = write_nm_tomo(folder / "NM" / "projections.dcm", window_counts, windows, counts.angles_deg, counts.radii_cm, config.voxel_mm,
                            truth.origin, layout=config.layout, frame_duration_s=case.seconds_per_view,
                            study_uid=_uids(case)[0], frame_of_reference_uid=_uids(case)[1])
     return nm, ct_files, counts
@@ -194,10 +194,6 @@ def _uids(case: Case) -> tuple[str, str]:
 
     return generate_uid(entropy_srcs=[case.name, "study"]), generate_uid(entropy_srcs=[case.name, "frame"])
 
-
-def _windows_ge_order(counts):
-    peak, lower, upper = counts.windows
-    return peak, upper, lower
 
 
 def _method_label(method: str, params: dict) -> str:

@@ -37,19 +37,10 @@ from .volume_files import three_dimensional_array
 DICOM_UNITS = {"bq/ml": "BQML", "counts": "CNTS", "counts/voxel": "CNTS", "cps": "CPS"}
 VOLUME_UNITS = {"BQML": "Bq/mL", "CNTS": "counts", "CPS": "cps"}
 
-# Radionuclide Code Sequence entries. 177Lu: SNOMED CT 447553000 "^177^Lutetium", DICOM CID 18
-# (Radiopharmaceutical Isotope), legacy SRT code C-101ED; source: PS3.16 as shipped in pydicom's
-# code dictionary (``pydicom.sr.codedict.codes.SCT._177Lutetium``). Note that C-145A4 (SCT
-# 56609000) is ^111^Indium, and CID 4020 lists only PET (positron) radionuclides.
-RADIONUCLIDE_ALIASES = {"lu177": "Lu177", "177lu": "Lu177"}
-RADIONUCLIDES = {
-    "Lu177": {
-        "code_value": "447553000",
-        "coding_scheme": "SCT",
-        "code_meaning": "^177^Lutetium",
-        "half_life_s": 6.647 * 24 * 3600,  # 6.647 d
-    },
-}
+# The radionuclide (RadionuclideCodeSequence: SNOMED CT code, DICOM CID 18; half-life) comes
+# from the caller (the pipeline passes the study's isotope from sspect.physics.isotopes), else
+# from the reference NM; io does not import the registry (physics sits beside io, not under it).
+RADIONUCLIDE_KEYS = ("name", "code_value", "coding_scheme", "code_meaning", "half_life_s")
 
 # metadata["corrections"] names -> Corrected Image (0028,0051) terms. RESO (collimator-detector
 # response) is not among DICOM's defined terms for PT; defined terms may be extended, and no
@@ -67,7 +58,7 @@ METADATA_KEYS = {
     "decay_factor": "float, required when decay_correction is not 'NONE': DecayFactor",
     "acquisition_datetime": "datetime or ISO string: the dates/times the reference NM lacks",
     "acquisition_duration_s": "float, whole acquisition (all views): ActualFrameDuration",
-    "radionuclide": "'Lu177' (default; 'Lu-177' and '177Lu' also accepted)",
+    "radionuclide": f"mapping with {', '.join(RADIONUCLIDE_KEYS)} (default: the reference NM's code and half-life)",
     "radiopharmaceutical": "str, e.g. '177Lu-PSMA-617': Radiopharmaceutical",
     "injected_activity_MBq": "float: RadionuclideTotalDose (written in Bq)",
     "injection_datetime": "datetime or ISO string: RadiopharmaceuticalStartDateTime",
@@ -131,12 +122,23 @@ def _check_metadata(metadata: Mapping) -> None:
         )
 
 
-def _radionuclide(metadata: Mapping) -> tuple[str, dict]:
-    name = str(metadata.get("radionuclide", "Lu177"))
-    key = RADIONUCLIDE_ALIASES.get(name.lower().replace("-", ""))
-    if key is None:
-        raise SSPECTError(f"Radionuclide {name!r} is unknown to the DICOM export; known: {sorted(RADIONUCLIDES)}.")
-    return key, RADIONUCLIDES[key]
+def _radionuclide(metadata: Mapping, reference: Dataset) -> dict | None:
+    """The radionuclide given in ``metadata``, else the reference NM's (None when neither says)."""
+    given = metadata.get("radionuclide")
+    if given is not None:
+        if not isinstance(given, Mapping) or set(given) != set(RADIONUCLIDE_KEYS):
+            raise SSPECTError(f"metadata['radionuclide'] must be a mapping with the keys {', '.join(RADIONUCLIDE_KEYS)}, "
+                              f"not {given!r}.")
+        return dict(given)
+    for drug in reference.get("RadiopharmaceuticalInformationSequence") or []:
+        for code in drug.get("RadionuclideCodeSequence") or []:
+            half_life = drug.get("RadionuclideHalfLife", None)
+            if code.get("CodeValue") and half_life not in (None, ""):
+                meaning = str(code.get("CodeMeaning", ""))
+                return {"name": meaning.replace("^", ""), "code_value": str(code.CodeValue),
+                        "coding_scheme": str(code.get("CodingSchemeDesignator", "")), "code_meaning": meaning,
+                        "half_life_s": float(half_life)}
+    return None
 
 
 def _dicom_unit(unit: str) -> str:
@@ -169,7 +171,7 @@ def _acquisition_duration_ms(metadata: Mapping, reference: Dataset) -> str:
 
 def _radiopharmaceutical_item(metadata: Mapping, reference: Dataset) -> Dataset:
     """Explicit metadata wins; the NM's own entries are kept where they hold a value."""
-    _, nuclide = _radionuclide(metadata)
+    nuclide = _radionuclide(metadata, reference)
     item = Dataset()
     reference_items = reference.get("RadiopharmaceuticalInformationSequence", [])
     if reference_items:
@@ -189,12 +191,13 @@ def _radiopharmaceutical_item(metadata: Mapping, reference: Dataset) -> Dataset:
         date, time = _dicom_date_time(injection)
         item.RadiopharmaceuticalStartDateTime = date + time
         item.RadiopharmaceuticalStartTime = time
-    code = Dataset()
-    code.CodeValue = nuclide["code_value"]
-    code.CodingSchemeDesignator = nuclide["coding_scheme"]
-    code.CodeMeaning = nuclide["code_meaning"]
-    item.RadionuclideCodeSequence = [code]
-    item.RadionuclideHalfLife = DS(nuclide["half_life_s"], auto_format=True)
+    if nuclide is not None:
+        code = Dataset()
+        code.CodeValue = nuclide["code_value"]
+        code.CodingSchemeDesignator = nuclide["coding_scheme"]
+        code.CodeMeaning = nuclide["code_meaning"]
+        item.RadionuclideCodeSequence = [code]
+        item.RadionuclideHalfLife = DS(nuclide["half_life_s"], auto_format=True)
     return item
 
 
@@ -233,7 +236,7 @@ def _series_template(
 ) -> Dataset:
     """Everything that is the same in every slice of the series."""
     method = str(metadata.get("reconstruction_method", "")).strip()
-    nuclide_name, _ = _radionuclide(metadata)
+    nuclide = _radionuclide(metadata, reference)
     now = dt.datetime.now()
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: names copied from the NM keep their characters
@@ -254,7 +257,7 @@ def _series_template(
     ds.ReferringPhysicianName = reference.get("ReferringPhysicianName", "")
     ds.SeriesInstanceUID = generate_uid()
     ds.SeriesNumber = series_number
-    default_description = f"{nuclide_name} SPECT {method or 'reconstruction'} (sspect)"
+    default_description = f"{nuclide['name'] + ' ' if nuclide else ''}SPECT {method or 'reconstruction'} (sspect)"
     ds.SeriesDescription = _long_string(series_description or default_description)
     ds.FrameOfReferenceUID = reference.get("FrameOfReferenceUID", None) or generate_uid()
     ds.PositionReferenceIndicator = reference.get("PositionReferenceIndicator", "")

@@ -61,6 +61,7 @@ class ProjectionStudy:
     model: str
     frame_of_reference_uid: str
     study_uid: str
+    radionuclide_code: str = ""  # RadionuclideCodeSequence CodeValue (SNOMED CT), "" when absent
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -192,6 +193,14 @@ def bin_detector(study: ProjectionStudy, factor: int) -> ProjectionStudy:
                    affine=affine)
 
 
+def _radionuclide_code(ds: pydicom.Dataset) -> str:
+    """The code value of the first radiopharmaceutical's radionuclide ("" when the file does not say)."""
+    for drug in ds.get("RadiopharmaceuticalInformationSequence") or []:
+        for code in drug.get("RadionuclideCodeSequence") or []:
+            return str(code.get("CodeValue", "")).strip()
+    return ""
+
+
 def read_projections(path: str) -> ProjectionStudy:
     """Read and validate one bed of NM TOMO projections."""
     from pytomography.io.SPECT.dicom import parse_projection_dataset
@@ -246,5 +255,6 @@ def read_projections(path: str) -> ProjectionStudy:
         model=str(ds.get("ManufacturerModelName", "")),
         frame_of_reference_uid=str(ds.get("FrameOfReferenceUID", "")),
         study_uid=str(ds.get("StudyInstanceUID", "")),
+        radionuclide_code=_radionuclide_code(ds),
         warnings=warnings,
     )

@@ -1,4 +1,4 @@
-"""Choice of the photopeak and scatter windows: automatic for 177Lu, or given by the user.
+"""Choice of the photopeak and scatter windows: automatic for a photopeak energy, or given by the user.
 
 A window is named either by its 0-based index in the file or by a keV range such as
 "187-229"; the range picks the window that overlaps it most. Scatter windows: the windows that
@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from ..errors import SSPECTError
 from .nm import EnergyWindow
 
-LU177_PHOTOPEAK_KEV = 208.0
 ADJACENT_KEV = 3.0
 NONE_WORDS = {"none", "off", "no", ""}
 
 
 @dataclass
 class WindowChoice:
+    photopeak_keV: float  # the photopeak these windows serve
     peak: EnergyWindow
     lower: EnergyWindow | None
     upper: EnergyWindow | None
@@ -32,7 +32,7 @@ class WindowChoice:
         return "none"
 
     def describe(self) -> str:
-        parts = [f"photopeak {self.peak.describe()}"]
+        parts = [f"{self.photopeak_keV:g} keV photopeak {self.peak.describe()}"]
         if self.lower:
             parts.append(f"lower scatter {self.lower.describe()}")
         if self.upper:
@@ -63,8 +63,7 @@ def resolve_window(windows: list[EnergyWindow], spec, role: str) -> EnergyWindow
     return best
 
 
-def choose_windows(windows: list[EnergyWindow], peak=None, lower=None, upper=None,
-                   photopeak_keV: float = LU177_PHOTOPEAK_KEV) -> WindowChoice:
+def choose_windows(windows: list[EnergyWindow], photopeak_keV: float, peak=None, lower=None, upper=None) -> WindowChoice:
     """Photopeak and scatter windows; ``None`` means automatic, 'none' means no such window."""
     if peak is None:
         containing = [w for w in windows if w.lower_keV <= photopeak_keV <= w.upper_keV]
@@ -89,4 +88,4 @@ def choose_windows(windows: list[EnergyWindow], peak=None, lower=None, upper=Non
 
     lower_window = pick(lower, "lower", lambda w: abs(w.upper_keV - peak_window.lower_keV) <= ADJACENT_KEV)
     upper_window = pick(upper, "upper", lambda w: abs(w.lower_keV - peak_window.upper_keV) <= ADJACENT_KEV)
-    return WindowChoice(peak_window, lower_window, upper_window)
+    return WindowChoice(photopeak_keV, peak_window, lower_window, upper_window)

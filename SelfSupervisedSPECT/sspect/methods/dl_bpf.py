@@ -29,7 +29,7 @@ the image is ``x = m * softplus(f)``: the whole map is then equivariant to the c
 network pretrained on 20-s scans gives, on a 5-s scan, the same image shape times the scan's own
 scale (only the noise in the input differs; fine-tuning adapts to it). A percentile would follow
 the hottest lesion and its noise; the mean is the measured counts per voxel. The attenuation
-channel is ``mu / 0.136 cm^-1`` (water at 208 keV), a fixed physical scale, so that the same
+channel is ``mu / mu_water`` at the isotope's photopeak (0.136 cm^-1 for 177Lu), a fixed physical scale, so that the same
 anatomy gives the same input on every scan (the deep image prior's ``mu / max(mu)`` would change
 with the densest bone in the field).
 
@@ -47,7 +47,7 @@ dip's small MONAI U-Net with one or two input channels, its output starting unif
 
 A pretrained file holds the weights and, in the safetensors header (text only, nothing executed),
 the architecture (features, input channels, strides), the voxel size in mm, the collimator code
-when known, the isotope (177Lu), the input normalisation, the training set-up and the sha256 of
+when known, the isotope and its photopeak, the input normalisation, the training set-up and the sha256 of
 the weights. Loading refuses, in one sentence, a file that is not such a network, whose weights
 do not match their checksum, whose architecture differs from the one asked for (``features``,
 CT channel) or whose voxel size differs by more than 10 % from the scan's: a convolutional network
@@ -67,8 +67,8 @@ from .toolkit.fitting import reproducible
 from .toolkit.inputs import backprojection_image, ct_channel, has_ct, short_osem
 from .toolkit.networks import Padding, describe, unet
 from .toolkit.objectives import fit_likelihood, fit_to_image
-from .toolkit.weights import WEIGHTS_FOLDER, ISOTOPE, check_study, load_state, read_weights, resolve_weights, \
-    save_weights, tensors_of
+from .toolkit.weights import WEIGHTS_FOLDER, check_study, load_state, read_weights, resolve_weights, \
+    save_weights, tensors_of, voxel_mm
 
 FORMAT = "sspect-dl-bpf/1"
 # Pretrained with `sspect pretrain` (defaults) on four simulated torso scans; see docs/self-supervised-report.
@@ -112,8 +112,7 @@ class Inputs:
         return self.scale * F.softplus(self.padding.crop(network(self.tensor))[0, 0])
 
 
-def save_network(network, path, *, features: int, in_channels: int, voxel_mm, collimator: str = "",
-                 training: dict | None = None) -> dict:
+def save_network(network, path, problem, *, features: int, in_channels: int, training: dict | None = None) -> dict:
     """Write a DL-BPF network and its description; returns the description."""
     import monai
     import torch
@@ -121,8 +120,9 @@ def save_network(network, path, *, features: int, in_channels: int, voxel_mm, co
     description = {
         "format": FORMAT, "architecture": "monai.networks.nets.UNet", "features": features, "in_channels": in_channels,
         "channels": [features * 2**k for k in range(4)], "strides": [2, 2, 2],
-        "voxel_mm": [float(v) for v in voxel_mm], "collimator": collimator, "isotope": ISOTOPE,
-        "input": "x_BP / mean(x_BP)" + (", mu / 0.136 per cm" if in_channels == 2 else "")
+        "voxel_mm": voxel_mm(problem), "collimator": problem.collimator_code, "isotope": problem.isotope.name,
+        "photopeak_keV": problem.photopeaks_keV[0],
+        "input": "x_BP / mean(x_BP)" + (f", mu / {problem.isotope.mu_water_per_cm:g} per cm" if in_channels == 2 else "")
                  + "; image = mean(x_BP) * softplus(output)",
         "training": training or {}, "torch": torch.__version__, "monai": monai.__version__,
     }

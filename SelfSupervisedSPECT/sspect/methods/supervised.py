@@ -31,7 +31,7 @@ A weights file is safetensors with a header describing it: kind, architecture, i
 window, collimator, voxel size, matrix, the start OSEM, the training data's manifest and its
 sha256, the code version, the validation metrics and the sha256 of the tensors (a JSON copy of
 the header is written beside it for people). Loading refuses, in one sentence, a damaged file,
-another kind of network, and a study whose isotope (photopeak window without 208 keV),
+another kind of network, and a study whose isotope or photopeak (window without the trained one),
 collimator or voxel size (more than 10 %) differs from the training data's: a convolutional
 network learns the blur and noise texture of one collimator at one voxel size, and a 113 keV or
 Tc-99m study would be another problem altogether. A different matrix is accepted (the networks
@@ -48,7 +48,7 @@ from .toolkit.counts import scatter_or_zeros
 from .toolkit.fitting import reproducible
 from .toolkit.inputs import ct_channel, start_image
 from .toolkit.networks import Padding, inverse_softplus, unet
-from .toolkit.weights import ISOTOPE, PHOTOPEAK_KEV, WEIGHTS_FOLDER, check_study, load_state, read_weights, \
+from .toolkit.weights import WEIGHTS_FOLDER, check_study, load_state, read_weights, \
     resolve_weights, save_weights, tensors_of, voxel_mm
 
 FORMAT = "sspect-supervised/1"
@@ -162,11 +162,11 @@ def save_model(model, path, *, kind: str, architecture: dict, start_osem: tuple,
     import torch
 
     description = {
-        "format": FORMAT, "kind": kind, "architecture": architecture, "isotope": ISOTOPE,
-        "photopeak_keV": PHOTOPEAK_KEV, "energy_window_keV": list(problem.peak_window_keV),
+        "format": FORMAT, "kind": kind, "architecture": architecture, "isotope": problem.isotope.name,
+        "photopeak_keV": problem.photopeaks_keV[0], "energy_window_keV": list(problem.peak_window_keV),
         "collimator": problem.collimator_code, "voxel_mm": voxel_mm(problem), "matrices": matrices,
         "start_osem": {"iterations": start_osem[0], "subsets": start_osem[1]},
-        "input": "x0 / mean(x0)" + (", mu / 0.136 per cm" if architecture["in_channels"] == 2 else ""),
+        "input": "x0 / mean(x0)" + (f", mu / {problem.isotope.mu_water_per_cm:g} per cm" if architecture["in_channels"] == 2 else ""),
         "training": training, "validation": validation, "code_version": code_version,
         "torch": torch.__version__, "monai": monai.__version__,
     }

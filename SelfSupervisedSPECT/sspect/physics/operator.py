@@ -499,3 +499,75 @@ class BackProjection(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None
         return ctx.operator.forward(grad_image.detach()).to(grad_image.dtype), None
+
+
+class PhotopeakStack(SPECTOperator):
+    """Several photopeaks' operators as one: the views of each in turn, ``A = [A_1; A_2; ...]``.
+
+    One image explains every photopeak's projections, each with its own attenuation and collimator
+    response, and its counts per unit of activity relative to the first (``sensitivities``: the
+    photopeaks' abundances, uncalibrated for the detector's efficiency at each energy)
+    (SlicerSPECTRecon's multi-photopeak reconstruction; PyTomography's
+    ``ExtendedSystemMatrix`` stacks the same way but has no subsets of views across its parts). A
+    subset takes the same subset of each part, so OSEM's subsets see every energy; it is a
+    ``SPECTOperator`` so that every method that takes the fast operator takes it unchanged.
+    """
+
+    def __init__(self, parts: list[SPECTOperator], sensitivities=None):
+        from pytomography.metadata.SPECT import SPECTProjMeta
+
+        SystemMatrix.__init__(self, parts[0].object_meta, SPECTProjMeta(
+            parts[0].proj_meta.shape[1:], parts[0].proj_meta.dr, np.concatenate([part.angles for part in parts]),
+            np.concatenate([part.radii for part in parts])))
+        self.parts = parts
+        self.sensitivities = [1.0] * len(parts) if sensitivities is None else [float(s) for s in sensitivities]
+        self.device, self.size, self.depth = parts[0].device, parts[0].size, parts[0].depth
+        self.angles = [a for part in parts for a in part.angles]
+        self.radii = np.concatenate([part.radii for part in parts])
+        self.num_views = len(self.angles)
+        self.offsets = np.cumsum([0] + [part.num_views for part in parts])
+        self.precomputed_bytes = sum(part.precomputed_bytes for part in parts)
+        self.set_n_subsets(1)
+
+    def set_n_subsets(self, n_subsets: int) -> None:
+        for part in self.parts:
+            part.set_n_subsets(n_subsets)
+        self.subset_indices_array = [torch.cat([part.subset_indices_array[i] + int(offset)
+                                                for part, offset in zip(self.parts, self.offsets)])
+                                     for i in range(n_subsets)]
+
+    def _part_views(self, subset_idx):
+        """Each part, its sensitivity and the slice of this operator's projections (of subset ``subset_idx``) that are its views."""
+        start = 0
+        for part, weight in zip(self.parts, self.sensitivities):
+            count = len(part._views(subset_idx))
+            yield part, weight, slice(start, start + count)
+            start += count
+
+    @torch.no_grad()
+    def forward(self, object: torch.Tensor, subset_idx: int | None = None) -> torch.Tensor:
+        return torch.cat([part.forward(object, subset_idx) * weight for part, weight in zip(self.parts, self.sensitivities)], dim=-3)
+
+    def _back_project(self, proj: torch.Tensor, subset_idx: int | None, rotation: str) -> torch.Tensor:
+        image = None
+        for part, weight, views in self._part_views(subset_idx):
+            back = part._back_project(proj[..., views, :, :] * weight, subset_idx, rotation)
+            image = back if image is None else image.add_(back)
+        return image
+
+    def backward(self, proj: torch.Tensor, subset_idx: int | None = None) -> torch.Tensor:
+        image = None
+        for part, weight, views in self._part_views(subset_idx):
+            back = part.backward(proj[..., views, :, :] * weight, subset_idx)
+            image = back if image is None else image.add_(back)
+        return image
+
+    def select_views(self, views) -> "PhotopeakStack | SPECTOperator":
+        """The stack restricted to ``views`` (ascending indices into its views), each part cut to its own."""
+        chosen = np.asarray(views, dtype=np.int64)
+        if np.any(np.diff(chosen) <= 0):
+            raise ValueError("select_views of a photopeak stack takes ascending view indices.")
+        kept = [(part.select_views(chosen[(chosen >= lo) & (chosen < hi)] - lo), weight)
+                for part, weight, lo, hi in zip(self.parts, self.sensitivities, self.offsets[:-1], self.offsets[1:])
+                if np.any((chosen >= lo) & (chosen < hi))]
+        return PhotopeakStack([part for part, _ in kept], [weight for _, weight in kept])

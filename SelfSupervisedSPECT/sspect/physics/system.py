@@ -1,8 +1,10 @@
 """The reconstruction problem: projections, system model (PyTomography) and additive scatter.
 
 Every method gets a ``Problem`` and nothing else, so classical and learned methods see the
-same physics: attenuation from the CT at the photopeak energy, depth-dependent collimator-
-detector response from the collimator preset, and TEW/DEW scatter as the additive term.
+same physics: attenuation from the CT at each photopeak's energy, depth-dependent collimator-
+detector response of the collimator at that energy, and TEW/DEW scatter as the additive term.
+The model is built from arrays and geometry, so that reconstruction and simulation (on its
+finer grid) use the same one; reading files into arrays is the pipeline's job.
 """
 from __future__ import annotations
 
@@ -12,9 +14,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import SSPECTError
-from ..io.nm import ProjectionStudy
-from ..io.windows import WindowChoice
-from .presets import LU177_PHOTOPEAK_KEV, collimator_preset
+from .collimators import Collimator
+from .isotopes import Isotope
 
 if TYPE_CHECKING:  # torch is imported where it is used, so that importing the engine stays light
     import torch
@@ -36,17 +37,40 @@ def resolve_device(name: str = "auto"):
     raise SSPECTError(f"Unknown device '{name}'; choose auto, cpu or cuda.")
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """Object grid and orbit in PyTomography's convention: [Lx, Ly, Lz] voxels, detector [Lr, Lz] pixels of the same pitch."""
+
+    object_shape: tuple[int, int, int]
+    voxel_cm: tuple[float, float]  # (in the axial plane, along z)
+    angles_deg: np.ndarray
+    radii_cm: np.ndarray
+
+
+@dataclass
+class PeakData:
+    """One photopeak's data on one bed: its counts, its scatter estimate, the mu map at its energy."""
+
+    energy_keV: float
+    projections: np.ndarray  # [Ltheta, Lr, Lz] counts in the photopeak window
+    scatter: np.ndarray | None  # same shape, expected scatter counts
+    mu_map: np.ndarray | None  # 1/cm at energy_keV on the object grid
+    window_keV: tuple[float, float]  # (lower, upper) of the photopeak window
+
+
 @dataclass
 class Problem:
-    projections: "torch.Tensor"  # [Ltheta, Lr, Lz] photopeak counts
+    projections: "torch.Tensor"  # [Ltheta, Lr, Lz] photopeak counts; several photopeaks: their views one after the other
     scatter: "torch.Tensor | None"  # same shape, expected scatter counts
-    system_matrix: object  # SPECTOperator (fast) or PyTomography's SPECTSystemMatrix (reference)
+    system_matrix: object  # SPECTOperator (fast), PhotopeakStack (several photopeaks) or PyTomography's SPECTSystemMatrix
     object_meta: object
     proj_meta: object
-    attenuation_map: "torch.Tensor | None"  # 1/cm on the object grid, also the anatomy for priors
+    attenuation_map: "torch.Tensor | None"  # 1/cm at the main photopeak on the object grid, also the anatomy for priors
     device: object
+    isotope: Isotope
     collimator_code: str = ""  # PyTomography / SIMIND code, e.g. GI-MEGP: what a trained network must match
-    peak_window_keV: tuple = ()  # (lower, upper) of the photopeak window
+    peak_window_keV: tuple = ()  # (lower, upper) of the main photopeak's window
+    photopeaks_keV: tuple = ()  # the photopeaks whose views ``projections`` holds, main first
     projector: str = "fast"
 
     def likelihood(self):
@@ -55,18 +79,18 @@ class Problem:
         return PoissonLogLikelihood(self.system_matrix, self.projections, self.scatter)
 
 
-def scatter_estimate(study: ProjectionStudy, windows: WindowChoice) -> np.ndarray | None:
-    """TEW (both windows) or DEW (one) scatter in the photopeak, PyTomography's formula."""
+def tew_scatter(peak_width_keV: float, lower: np.ndarray | None, lower_width_keV: float | None,
+                upper: np.ndarray | None, upper_width_keV: float | None) -> np.ndarray | None:
+    """TEW (both windows) or DEW (one) scatter in the photopeak, PyTomography's formula; None without either."""
     import torch
     from pytomography.utils import compute_EW_scatter
 
-    if windows.scatter_method == "none":
+    first, second = ((lower, lower_width_keV), (upper, upper_width_keV)) if lower is not None else ((upper, upper_width_keV), (None, None))
+    if first[0] is None:
         return None
-    first, second = (windows.lower, windows.upper) if windows.lower else (windows.upper, None)
-    scatter = compute_EW_scatter(
-        torch.from_numpy(study.projections[first.index]),
-        torch.from_numpy(study.projections[second.index]) if second else None,
-        first.width_keV, second.width_keV if second else None, windows.peak.width_keV)
+    scatter = compute_EW_scatter(torch.from_numpy(np.ascontiguousarray(first[0])),
+                                 None if second[0] is None else torch.from_numpy(np.ascontiguousarray(second[0])),
+                                 first[1], second[1], peak_width_keV)
     return scatter.cpu().numpy()
 
 
@@ -79,11 +103,12 @@ def check_projector(name: str) -> str:
     return name
 
 
-def build_problem(study: ProjectionStudy, windows: WindowChoice, mu_map: np.ndarray | None,
-                  collimator: str, device: str = "auto", photopeak_keV: float = LU177_PHOTOPEAK_KEV,
-                  projector: str = "fast") -> Problem:
-    """The problem of one bed; ``projector`` "fast" is :class:`.operator.SPECTOperator`, "pytomography"
-    PyTomography's own ``SPECTSystemMatrix`` (the reference it is measured against)."""
+def build_system_matrix(geometry: Geometry, mu_map, collimator: Collimator, energy_keV: float,
+                        projector: str = "fast", device="cpu"):
+    """The system matrix of one photopeak: attenuation by ``mu_map`` (array, tensor or None) and
+    ``collimator``'s response at ``energy_keV``; ``projector`` "fast" is :class:`.operator.SPECTOperator`,
+    "pytomography" PyTomography's own ``SPECTSystemMatrix`` (the reference it is measured against).
+    Returns (system matrix, object metadata, projection metadata)."""
     import pytomography
     import torch
     from pytomography.io.SPECT.dicom import get_psfmeta_from_scanner_params
@@ -92,31 +117,65 @@ def build_problem(study: ProjectionStudy, windows: WindowChoice, mu_map: np.ndar
     from pytomography.transforms.SPECT import SPECTAttenuationTransform, SPECTPSFTransform
 
     check_projector(projector)
-    torch_device = resolve_device(device)
-    pytomography.device = torch_device  # PyTomography reads this global when it builds tensors
-    preset = collimator_preset(collimator)
-    peak = study.projections[windows.peak.index]
-    if float(peak.sum()) <= 0:
-        raise SSPECTError(f"The photopeak window {windows.peak.describe()} holds zero counts; check the window choice or the acquisition.")
-    dx_cm, dz_cm = study.pixel_mm[0] / 10, study.pixel_mm[1] / 10
-    object_meta = SPECTObjectMeta((dx_cm, dx_cm, dz_cm), study.object_shape)
-    proj_meta = SPECTProjMeta(peak.shape[1:], (dx_cm, dz_cm), study.angles_deg, study.radii_cm)
-    psf_meta = get_psfmeta_from_scanner_params(preset.code, energy_keV=photopeak_keV,
-                                               intrinsic_resolution_140keV=preset.intrinsic_resolution_140keV_cm)
-    mu_tensor = None if mu_map is None else torch.from_numpy(np.ascontiguousarray(mu_map, dtype=np.float32)).to(torch_device)
+    device = torch.device(device)
+    dx_cm, dz_cm = (float(v) for v in geometry.voxel_cm)
+    shape = tuple(int(s) for s in geometry.object_shape)
+    object_meta = SPECTObjectMeta((dx_cm, dx_cm, dz_cm), shape)
+    proj_meta = SPECTProjMeta((shape[1], shape[2]), (dx_cm, dz_cm), np.asarray(geometry.angles_deg, float),
+                              np.asarray(geometry.radii_cm, float))
+    psf_meta = get_psfmeta_from_scanner_params(collimator.code, energy_keV=float(energy_keV),
+                                               intrinsic_resolution_140keV=collimator.intrinsic_resolution_140keV_cm)
+    mu = None if mu_map is None else torch.as_tensor(np.ascontiguousarray(mu_map) if isinstance(mu_map, np.ndarray) else mu_map,
+                                                     dtype=torch.float32).to(device)
     if projector == "fast":
         from .operator import SPECTOperator
 
-        system_matrix = SPECTOperator(object_meta, proj_meta, mu_tensor, psf_meta, device=torch_device)
-    else:
-        transforms = [] if mu_tensor is None else [SPECTAttenuationTransform(mu_tensor)]
-        transforms.append(SPECTPSFTransform(psf_meta))
-        system_matrix = SPECTSystemMatrix(obj2obj_transforms=transforms, proj2proj_transforms=[],
-                                          object_meta=object_meta, proj_meta=proj_meta)
-    scatter = scatter_estimate(study, windows)
+        return SPECTOperator(object_meta, proj_meta, mu, psf_meta, device=device), object_meta, proj_meta
+    pytomography.device = device  # PyTomography reads this global when it builds tensors
+    transforms = [] if mu is None else [SPECTAttenuationTransform(mu)]
+    transforms.append(SPECTPSFTransform(psf_meta))
+    system_matrix = SPECTSystemMatrix(obj2obj_transforms=transforms, proj2proj_transforms=[],
+                                      object_meta=object_meta, proj_meta=proj_meta)
+    return system_matrix, object_meta, proj_meta
+
+
+def build_problem(peaks: list[PeakData], geometry: Geometry, collimator: Collimator, isotope: Isotope,
+                  device: str = "auto", projector: str = "fast") -> Problem:
+    """The problem of one bed from one or several photopeaks (main first); several are one
+    :class:`.operator.PhotopeakStack` whose views are each photopeak's views in turn."""
+    import pytomography
+    import torch
+
+    check_projector(projector)
+    if not peaks:
+        raise SSPECTError("No photopeak was given; choose at least one of the isotope's photopeaks.")
+    if len(peaks) > 1 and projector != "fast":
+        raise SSPECTError("Several photopeaks are reconstructed with the fast projector only; choose the fast projector or one photopeak.")
+    torch_device = resolve_device(device)
+    pytomography.device = torch_device  # PyTomography reads this global when it builds tensors
+    for peak in peaks:
+        if float(peak.projections.sum()) <= 0:
+            raise SSPECTError(f"The {peak.energy_keV:g} keV photopeak window {peak.window_keV[0]:g}-{peak.window_keV[1]:g} keV "
+                              "holds zero counts; check the window choice or the acquisition.")
+    built = [build_system_matrix(geometry, peak.mu_map, collimator, peak.energy_keV, projector, torch_device) for peak in peaks]
+    system_matrix, object_meta, proj_meta = built[0]
+    if len(built) > 1:
+        from .operator import PhotopeakStack
+
+        abundances = [isotope.photopeak(peak.energy_keV).abundance for peak in peaks]
+        system_matrix = PhotopeakStack([matrix for matrix, _, _ in built], [a / abundances[0] for a in abundances])
+        proj_meta = system_matrix.proj_meta
+    scatters = [peak.scatter for peak in peaks]
+    scatter = None
+    if any(s is not None for s in scatters):
+        scatter = np.concatenate([np.zeros_like(p.projections, dtype=np.float32) if s is None else s
+                                  for p, s in zip(peaks, scatters)])
+    main = peaks[0]
     return Problem(
-        projections=torch.from_numpy(np.ascontiguousarray(peak)).to(torch_device),
-        scatter=None if scatter is None else torch.from_numpy(scatter).to(torch_device),
+        projections=torch.from_numpy(np.ascontiguousarray(np.concatenate([p.projections for p in peaks]), dtype=np.float32)).to(torch_device),
+        scatter=None if scatter is None else torch.from_numpy(np.ascontiguousarray(scatter, dtype=np.float32)).to(torch_device),
         system_matrix=system_matrix, object_meta=object_meta, proj_meta=proj_meta,
-        attenuation_map=mu_tensor, device=torch_device, collimator_code=preset.code,
-        peak_window_keV=(float(windows.peak.lower_keV), float(windows.peak.upper_keV)), projector=projector)
+        attenuation_map=None if main.mu_map is None else torch.as_tensor(np.ascontiguousarray(main.mu_map), dtype=torch.float32).to(torch_device),
+        device=torch_device, isotope=isotope, collimator_code=collimator.code,
+        peak_window_keV=(float(main.window_keV[0]), float(main.window_keV[1])),
+        photopeaks_keV=tuple(float(p.energy_keV) for p in peaks), projector=projector)

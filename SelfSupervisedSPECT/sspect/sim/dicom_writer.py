@@ -26,17 +26,17 @@ from typing import Sequence
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.sr.codedict import codes
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, NuclearMedicineImageStorage, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
 from sspect.errors import SSPECTError
+from sspect.physics.collimators import Collimator, default_collimator
+from sspect.physics.isotopes import LUTETIUM_177, EnergyRange, Isotope
 from sspect.volume import Volume
 
-from .acquisition import LU177_LOWER_SCATTER, LU177_PEAK, LU177_UPPER_SCATTER, WindowSpec, simulate_projections
+from .acquisition import simulate_projections
 from .phantoms.demo import demo_phantom
 
-LU177_HALF_LIFE_S = 6.647 * 24 * 3600
 DEFAULT_ACQUISITION_DATETIME = datetime(2024, 5, 14, 10, 30, 0)
 
 
@@ -44,16 +44,15 @@ DEFAULT_ACQUISITION_DATETIME = datetime(2024, 5, 14, 10, 30, 0)
 class ScannerLayout:
     """How one vendor lays out a tomo acquisition in DICOM."""
 
+    vendor: str  # as the collimator registry names it
     manufacturer: str
     model: str
-    collimator_grid_name: str  # as the scanner writes it in CollimatorGridName
     n_heads: int
-    pytomography_collimator: str  # SIMIND code for simulating this collimator
 
 
 LAYOUTS = {
-    "GE": ScannerLayout("GE MEDICAL SYSTEMS", "Tandem_Discovery_670_Pro", "MEGP", 1, "GI-MEGP"),
-    "Siemens": ScannerLayout("SIEMENS NM", "Symbia Intevo Bold", "ME", 2, "SY-ME"),
+    "GE": ScannerLayout("GE", "GE MEDICAL SYSTEMS", "Tandem_Discovery_670_Pro", 1),
+    "Siemens": ScannerLayout("SIEMENS", "SIEMENS NM", "Symbia Intevo Bold", 2),
 }
 
 
@@ -83,7 +82,7 @@ def _common_dataset(sop_class_uid: str, modality: str, study_uid: str, series_ui
     ds.Modality = modality
     ds.Manufacturer = manufacturer
     ds.ManufacturerModelName = model
-    ds.StudyDescription = "SSPECT simulated 177Lu SPECT/CT"
+    ds.StudyDescription = "SSPECT simulated SPECT/CT"
     ds.SeriesDescription = series_description
     ds.PatientName = patient_name
     ds.PatientID = patient_id
@@ -122,19 +121,21 @@ def _acquisition_order(n_views: int, n_heads: int, rotation: str, full_circle: b
     return (n_heads - heads) * m - 1 - views
 
 
-def write_nm_tomo(path, projections_by_window: Sequence[np.ndarray], windows: Sequence[WindowSpec],
+def write_nm_tomo(path, projections_by_window: Sequence[np.ndarray], windows: Sequence[EnergyRange],
                   angles_deg, radii_cm, pixel_mm: float, object_origin_lps_mm, *, layout: str = "GE",
                   rotation: str = "CC", frame_duration_s: float = 20.0, study_uid: str | None = None,
                   frame_of_reference_uid: str | None = None, series_uid: str | None = None,
                   patient_name: str = "SSPECT^Phantom", patient_id: str = "SSPECT-SIM",
                   acquisition_datetime: datetime = DEFAULT_ACQUISITION_DATETIME,
                   injected_activity_mbq: float = 7400.0, injection_datetime: datetime | None = None,
-                  radiopharmaceutical: str = "Lu-177 PSMA-617") -> Path:
+                  isotope: Isotope = LUTETIUM_177, collimator: Collimator | None = None,
+                  radiopharmaceutical: str | None = None) -> Path:
     """Write one multi-frame NM tomo file (NM Image Storage) that PyTomography reads back exactly.
 
     ``projections_by_window``: one [Ltheta, Lr, Lz] count array per window, views sorted by
     ascending PyTomography detector angle (``angles_deg``, uniform step), ``radii_cm`` per view.
-    Counts are rounded to uint16. ``object_origin_lps_mm``: LPS of reconstruction voxel
+    Counts are rounded to uint16. ``isotope`` gives the radionuclide code and half-life; ``collimator``
+    (default: the layout's collimator for the isotope) its CollimatorGridName. ``object_origin_lps_mm``: LPS of reconstruction voxel
     (0, 0, 0); the reconstruction grid is [Lr, Lr, Lz] voxels of ``pixel_mm``.
     """
     if layout not in LAYOUTS:
@@ -142,6 +143,7 @@ def write_nm_tomo(path, projections_by_window: Sequence[np.ndarray], windows: Se
     if rotation not in ("CC", "CW"):
         raise SSPECTError(f"Unknown rotation direction '{rotation}'; choose CC or CW.")
     scanner = LAYOUTS[layout]
+    collimator = collimator or default_collimator(scanner.vendor, isotope)
     if len(projections_by_window) != len(windows) or not windows:
         raise SSPECTError(f"Got {len(projections_by_window)} projection arrays for {len(windows)} energy windows; give one per window.")
     projections = np.stack([np.asarray(p, dtype=np.float64) for p in projections_by_window])
@@ -181,7 +183,7 @@ def write_nm_tomo(path, projections_by_window: Sequence[np.ndarray], windows: Se
 
     ds = _common_dataset(NuclearMedicineImageStorage, "NM", study_uid or generate_uid(), series_uid or generate_uid(),
                          frame_of_reference_uid or generate_uid(), acquisition_datetime, patient_name, patient_id,
-                         scanner.manufacturer, scanner.model, "SPECT 177Lu tomo (simulated)", 1)
+                         scanner.manufacturer, scanner.model, f"SPECT {isotope.name} tomo (simulated)", 1)
     ds.ImageType = ["ORIGINAL", "PRIMARY", "TOMO", "EMISSION"]
     ds.ImageID = "Tomo (simulated)"
     ds.NumberOfFrames = frames.shape[0]
@@ -217,7 +219,7 @@ def write_nm_tomo(path, projections_by_window: Sequence[np.ndarray], windows: Se
         item = Dataset()
         item.GantryDetectorTilt = "0"
         item.CenterOfRotationOffset = "0"
-        item.CollimatorGridName = scanner.collimator_grid_name
+        item.CollimatorGridName = next(label for vendor, label in collimator.scanner_labels if vendor == scanner.vendor)
         item.CollimatorType = "PARA"
         item.ImagePositionPatient = [_ds(v) for v in image_position]
         item.ImageOrientationPatient = ["1", "0", "0", "0", "0", "-1"]
@@ -245,14 +247,13 @@ def write_nm_tomo(path, projections_by_window: Sequence[np.ndarray], windows: Se
 
     injected_at = injection_datetime or (acquisition_datetime - timedelta(hours=24))
     drug = Dataset()
-    drug.Radiopharmaceutical = radiopharmaceutical
+    drug.Radiopharmaceutical = radiopharmaceutical or f"{isotope.name} (simulated)"
     drug.RadiopharmaceuticalStartTime = injected_at.strftime("%H%M%S")
     drug.RadiopharmaceuticalStartDateTime = injected_at.strftime("%Y%m%d%H%M%S")
     drug.RadionuclideTotalDose = _ds(injected_activity_mbq)  # NM modules state this in MBq
-    drug.RadionuclideHalfLife = _ds(LU177_HALF_LIFE_S)
-    nuclide = codes.SCT._177Lutetium
+    drug.RadionuclideHalfLife = _ds(isotope.half_life_s)
     code = Dataset()
-    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = nuclide.value, nuclide.scheme_designator, nuclide.meaning
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = isotope.code_value, isotope.coding_scheme, isotope.code_meaning
     drug.RadionuclideCodeSequence = [code]
     ds.RadiopharmaceuticalInformationSequence = [drug]
 
@@ -262,7 +263,7 @@ def write_nm_tomo(path, projections_by_window: Sequence[np.ndarray], windows: Se
     return path
 
 
-def _energy_window_item(window: WindowSpec) -> Dataset:
+def _energy_window_item(window: EnergyRange) -> Dataset:
     limits = Dataset()
     limits.EnergyWindowLowerLimit = _ds(window.lower_keV)
     limits.EnergyWindowUpperLimit = _ds(window.upper_keV)
@@ -317,8 +318,7 @@ def write_ct_series(folder, hu_volume: Volume, study_uid: str, frame_of_referenc
     return paths
 
 
-def hu_to_mu(hu: np.ndarray, photopeak_keV: float = (LU177_PEAK.lower_keV + LU177_PEAK.upper_keV) / 2,
-              model: str = "Optima CT540") -> np.ndarray:
+def hu_to_mu(hu: np.ndarray, photopeak_keV: float, model: str = "Optima CT540") -> np.ndarray:
     """mu (1/cm) at the photopeak from PyTomography's HU -> mu table for the CT this module writes.
 
     PyTomography looks the table entry up from a CT file's model and kVp, so one tiny slice of
@@ -339,13 +339,17 @@ def hu_to_mu(hu: np.ndarray, photopeak_keV: float = (LU177_PEAK.lower_keV + LU17
 def write_demo_study(folder, seed: int = 0, layout: str = "GE", rotation: str = "CC", n_views: int = 32,
                      noise: bool = True, upsample: int = 1, shape=(48, 48, 48), voxel_mm: float = 8.0,
                      sensitivity_cps_per_mbq: float = 9.0, frame_duration_s: float = 20.0,
-                     radius_mm: float = 250.0) -> dict:
+                     radius_mm: float = 250.0, isotope: Isotope = LUTETIUM_177, photopeaks_keV=None,
+                     collimator: Collimator | None = None) -> dict:
     """Simulate the demo phantom and write it as a scanner would: NM tomo file + CT series.
 
+    ``isotope``, its ``photopeaks_keV`` (default: its default ones) and ``collimator`` (default:
+    the layout's collimator for the isotope) set the windows, the energies, the collimator and
+    the radionuclide in the file.
     Returns the paths, the truth (activity concentration in MBq/mL as a Volume), the phantom,
     the attenuation map used, the simulated windows and the 0-based window indices in the file.
-    The GE layout orders windows peak, upper, lower (as the real GE study does); Siemens
-    orders them peak, lower, upper.
+    The GE layout orders each photopeak's windows peak, upper, lower (as the real GE study does);
+    Siemens orders them peak, lower, upper; photopeaks follow one another, the main one first.
     """
     if layout not in LAYOUTS:
         raise SSPECTError(f"Unknown NM layout '{layout}'; choose one of {', '.join(LAYOUTS)}.")
@@ -353,32 +357,34 @@ def write_demo_study(folder, seed: int = 0, layout: str = "GE", rotation: str = 
     phantom = demo_phantom(shape, voxel_mm, seed)
     study_uid, frame_of_reference_uid = generate_uid(), generate_uid()
     ct_files = write_ct_series(folder / "CT", phantom.hu_volume, study_uid, frame_of_reference_uid, shuffle_seed=seed)
-    mu_map = hu_to_mu(phantom.hu)
+    mu_maps = {}
+
+    def mu_at(energy_keV):
+        return mu_maps.setdefault(energy_keV, hu_to_mu(phantom.hu, energy_keV))
 
     scanner = LAYOUTS[layout]
+    collimator = collimator or default_collimator(scanner.vendor, isotope)
     counts_scale = sensitivity_cps_per_mbq * frame_duration_s * phantom.voxel_volume_ml
-    simulated = simulate_projections(phantom.activity, mu_map, phantom.spacing, n_views, radius_mm,
-                                     scanner.pytomography_collimator, 208.0, counts_scale, seed, upsample, noise)
-    by_role = {"peak": (LU177_PEAK, simulated.peak), "lower": (LU177_LOWER_SCATTER, simulated.lower),
-               "upper": (LU177_UPPER_SCATTER, simulated.upper)}
+    simulated = simulate_projections(phantom.activity, mu_at, phantom.spacing, n_views, radius_mm, collimator, isotope,
+                                     photopeaks_keV, counts_scale, seed, upsample, noise)
     roles = ["peak", "upper", "lower"] if layout == "GE" else ["peak", "lower", "upper"]
-    nm_path = write_nm_tomo(folder / "NM" / "projections.dcm", [by_role[r][1] for r in roles],
-                            [by_role[r][0] for r in roles], simulated.angles_deg, simulated.radii_cm,
+    windows, counts = simulated.windows_in_order(roles)
+    nm_path = write_nm_tomo(folder / "NM" / "projections.dcm", counts, windows, simulated.angles_deg, simulated.radii_cm,
                             voxel_mm, phantom.origin, layout=layout, rotation=rotation,
                             frame_duration_s=frame_duration_s, study_uid=study_uid,
-                            frame_of_reference_uid=frame_of_reference_uid)
+                            frame_of_reference_uid=frame_of_reference_uid, isotope=isotope, collimator=collimator)
     return {
         "nm": nm_path,
         "ct": folder / "CT",
         "ct_files": ct_files,
         "truth": phantom.activity_volume,
         "phantom": phantom,
-        "mu_map": mu_map,
+        "mu_map": mu_at(simulated.peaks[0].photopeak.energy_keV),  # at the main photopeak
         "projections": simulated,
         "index_peak": roles.index("peak"),
         "index_lower": roles.index("lower"),
         "index_upper": roles.index("upper"),
-        "collimator": scanner.pytomography_collimator,
+        "collimator": collimator.code,
         "sensitivity_cps_per_mbq": sensitivity_cps_per_mbq,
         "frame_duration_s": frame_duration_s,
         "study_uid": study_uid,

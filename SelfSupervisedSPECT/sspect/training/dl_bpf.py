@@ -27,12 +27,11 @@ LEARNING_RATE = 0.003
 
 
 def pretrain(problems, out_path, steps: int, seed: int = 0, features: int = 16, *, pretrain_steps: int = 200,
-             learning_rate: float = LEARNING_RATE, ct_input: bool = True, collimator: str = "",
-             events: Events | None = None, training_data: dict | None = None) -> dict:
+             learning_rate: float = LEARNING_RATE, ct_input: bool = True, events: Events | None = None,
+             training_data: dict | None = None) -> dict:
     """Train one DL-BPF network over ``problems`` and save it to ``out_path``; returns the file's description.
 
-    ``collimator`` (e.g. "GI-MEGP") and ``training_data`` (what the scans were, how to make them
-    again) are recorded in the file for the user.
+    ``training_data`` (what the scans were, how to make them again) is recorded in the file for the user.
     """
     from ..physics.differentiable import project
 
@@ -46,6 +45,9 @@ def pretrain(problems, out_path, steps: int, seed: int = 0, features: int = 16, 
     for problem in problems[1:]:
         if voxel_size_differs(voxel_mm(problem), grid_mm):
             raise SSPECTError(f"The scans have different voxel sizes ({grid_mm} and {voxel_mm(problem)} mm); pretrain one network per voxel size.")
+    kinds = {(p.isotope.name, p.photopeaks_keV, p.collimator_code) for p in problems}
+    if len(kinds) > 1:
+        raise SSPECTError(f"The scans differ in isotope, photopeaks or collimator ({sorted(kinds)}); pretrain one network per kind of scan.")
     with_ct = [uses_ct(problem, ct_input) for problem in problems]
     if len(set(with_ct)) > 1:
         raise SSPECTError("Some scans have a CT and some do not; pretrain with ct_input false or give every scan its CT.")
@@ -76,8 +78,7 @@ def pretrain(problems, out_path, steps: int, seed: int = 0, features: int = 16, 
                 "learning_rate": learning_rate,
                 "loss": "MSE to each scan's 2-iteration OSEM, then EM-preconditioned Poisson NLL of all counts per count, "
                         "one scan a step", **({"data": training_data} if training_data else {})}
-    return save_network(network, out_path, features=features, in_channels=in_channels, voxel_mm=grid_mm,
-                        collimator=collimator, training=training)
+    return save_network(network, out_path, problems[0], features=features, in_channels=in_channels, training=training)
 
 
 def pretrain_dl_bpf(phantoms: str, seconds: str, out, steps: int, pretrain_steps: int, features: int = 16,
@@ -100,7 +101,7 @@ def pretrain_dl_bpf(phantoms: str, seconds: str, out, steps: int, pretrain_steps
         try:
             data = {"phantoms": [spec.name for spec in specs], "seconds_per_view": levels, "grid": config_dict(config),
                     "command": command}
-            return pretrain(problems, out, steps, seed, features, pretrain_steps=pretrain_steps,
-                            collimator=config.collimator_code, events=Events(on_event), training_data=data)
+            return pretrain(problems, out, steps, seed, features, pretrain_steps=pretrain_steps, events=Events(on_event),
+                            training_data=data)
         finally:
             bar.close()

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from .counts import check_subsets
 
-MU_WATER_PER_CM = 0.136  # narrow-beam attenuation of water at 208 keV: the fixed scale of a network's CT channel
-
 
 def osem(system_matrix, counts, scatter, iterations: int, subsets: int, report=None):
     """PyTomography's OSEM (subsets capped at the views); ``report(done, total)`` after every subiteration."""
@@ -47,10 +45,11 @@ def has_ct(problem) -> bool:
 
 
 def ct_channel(problem):
-    """``mu / mu_water``: the same anatomy gives the same channel on every scan (a fixed physical scale, not the densest bone)."""
+    """``mu / mu_water`` at the isotope's photopeak: the same anatomy gives the same channel on every scan
+    (a fixed physical scale, not the densest bone)."""
     import torch
 
-    return problem.attenuation_map.to(problem.device, torch.float32) / MU_WATER_PER_CM
+    return problem.attenuation_map.to(problem.device, torch.float32) / problem.isotope.mu_water_per_cm
 
 
 def prior_input(problem, events):

@@ -16,8 +16,6 @@ from ...errors import SSPECTError
 
 WEIGHTS_FOLDER = Path(__file__).resolve().parents[2] / "weights"
 VOXEL_TOLERANCE = 0.10  # refused on voxels more than 10 % larger or smaller than trained on
-ISOTOPE = "177Lu"  # what every network here is trained for
-PHOTOPEAK_KEV = 208.0
 TEXT_KEYS = {"format", "kind", "isotope", "collimator", "sha256", "torch", "monai", "code_version", "input"}
 
 
@@ -110,11 +108,16 @@ def check_study(path, description: dict, problem, remedy: str) -> None:
 
     ``remedy`` ends the voxel-size sentence: what else the user can do (train or pretrain at this voxel size).
     """
+    trained_isotope, trained_keV = description.get("isotope"), float(description.get("photopeak_keV", 208.0))
     window = tuple(problem.peak_window_keV)
-    if description.get("isotope") != ISOTOPE or (window and not window[0] <= PHOTOPEAK_KEV <= window[1]):
+    if problem.isotope.name != trained_isotope or (window and not window[0] <= trained_keV <= window[1]):
         shown = f"{window[0]:g}-{window[1]:g} keV" if window else "unknown"
-        raise SSPECTError(f"The network {path} was trained on {description.get('isotope')} ({PHOTOPEAK_KEV:g} keV) but this "
-                          f"study's photopeak window is {shown}; choose the 208 keV window of a 177Lu study.")
+        raise SSPECTError(f"The network {path} was trained on {trained_isotope} ({trained_keV:g} keV) but this study is "
+                          f"{problem.isotope.name} with the photopeak window {shown}; choose the {trained_keV:g} keV window of a "
+                          f"{trained_isotope} study or a method without training.")
+    if len(problem.photopeaks_keV) > 1:
+        raise SSPECTError(f"The network {path} was trained on the {trained_keV:g} keV photopeak alone but this study "
+                          f"reconstructs {len(problem.photopeaks_keV)} photopeaks; reconstruct with --photopeaks {trained_keV:g}.")
     trained_collimator = description.get("collimator", "")
     if problem.collimator_code and trained_collimator and problem.collimator_code != trained_collimator:
         raise SSPECTError(f"The network {path} was trained for the {trained_collimator} collimator but this study was "

@@ -11,11 +11,11 @@ import math
 import numpy as np
 
 from sspect.errors import SSPECTError
+from sspect.physics.isotopes import LUTETIUM_177
 
 from .geometry import (DEFAULT_CENTRE_LPS_MM, HU_BONE, HU_LUNG, Grid, Phantom, centred_origin, check_square_grid,
                        ellipsoid, elliptic_prism, even_ceil, paint, region_weights, render, sphere)
 
-LU177_HALF_LIFE_H = 6.647 * 24.0
 TORSO_HOURS_POST_INJECTION = 24.0
 TORSO_REFERENCE_MASS_G = 80_000.0  # for SUV-defined concentrations (1 g/mL)
 
@@ -269,7 +269,7 @@ def torso_phantom(seed: int = 0, voxel_mm: float = 4.4196, shape=None, tracer: s
 
     # Lesions, drawn where the field can hold them.
     uptake = TORSO_UPTAKE[tracer]
-    suv_unit = injected_MBq * 2.0 ** (-TORSO_HOURS_POST_INJECTION / LU177_HALF_LIFE_H) / TORSO_REFERENCE_MASS_G
+    suv_unit = injected_MBq * 2.0 ** (-TORSO_HOURS_POST_INJECTION * 3600 / LUTETIUM_177.half_life_s) / TORSO_REFERENCE_MASS_G
     lesion_rng = np.random.default_rng([int(seed), 3])
     lesions = _draw_lesions(lesion_rng, uptake, anatomy, wing_left, wing_right, (spine_u, spine_v, spine_h),
                             (sa, sb, sh), (h_lo, h_hi))

@@ -34,13 +34,12 @@ anatomy gives the same input on every scan (the deep image prior's ``mu / max(mu
 with the densest bone in the field).
 
 Training is the deep image prior's (:func:`.toolkit.objectives.fit_likelihood`), with two choices
-measured here. (1) A new network is first fitted for ``pretrain_steps`` by MSE to a 2-iteration
-OSEM image of the training counts (cheap: no projection); from a uniform output the likelihood
-alone needs well over 300 steps (NRMSE 0.50 after 300 at learning rate 0.01). (2) The gradient
-reaching the image is EM-preconditioned (:func:`.toolkit.objectives.em_preconditioned`: times
-``x / A^T 1``, which turns it into the MLEM step ``x - x_EM``, a descent direction of the same NLL
-with the same stationary points): from the same start it reached NRMSE 0.345 in 200 steps where
-the plain gradient reached 0.46 in 300. Stopping: binomial thinning holds out
+(figures in ``docs/methods/dl-bpf.md``). (1) A new network is first fitted for ``pretrain_steps``
+by MSE to a 2-iteration OSEM image of the training counts (cheap: no projection); from a uniform
+output the likelihood alone needs many more steps. (2) The gradient reaching the image is
+EM-preconditioned (:func:`.toolkit.objectives.em_preconditioned`: times ``x / A^T 1``, which turns
+it into the MLEM step ``x - x_EM``, a descent direction of the same NLL with the same stationary
+points), which resolves the image in fewer steps. Stopping: binomial thinning holds out
 ``validation_fraction`` of the counts, the image with the lowest held-out NLL is kept
 (``best_step``) and training stops ``patience`` checks after it (``stopped_at``). The network is
 dip's small MONAI U-Net with one or two input channels, its output starting uniform.

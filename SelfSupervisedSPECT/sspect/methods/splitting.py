@@ -12,7 +12,7 @@ denoiser trained on x1 -> x2 and x2 -> x1 (both directions every step, MSE), and
 ``(f(x1) + f(x2)) / keep`` (``keep`` = the share of counts not held out, below): each prediction
 is the mean of the *other* half, i.e. half the full image, and both inputs are exactly the
 distribution the denoiser saw. Applying it instead to the full-count OSEM at the half scale,
-``f(x_full h) / h``, feeds it a noise level it never saw and measured worse (below).
+``f(x_full h) / h``, feeds it a noise level it never saw and measured worse (``docs/methods/splitting.md``).
 ``domain="projection"``: the denoiser works on the projections as a volume [Ltheta, Lr, Lz]
 (y1 -> y2, y2 -> y1, MSE), ``(f(y1) + f(y2)) / keep`` estimates ``A x + s``, and OSEM (with ``s``)
 of those denoised projections is the image.

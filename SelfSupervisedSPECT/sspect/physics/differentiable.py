@@ -11,18 +11,17 @@ forward projection and whose backward is the transpose of that same forward proj
 a network ``x = f_theta(z)`` can be trained by a likelihood on the projections (Gong et al. 2019,
 Reader 2024).
 
-Why not simply ``system_matrix.backward``: PyTomography's back projection is *matched* but not
-the exact transpose. Its forward rotates the object with bilinear interpolation by an angle and
-its back projection rotates back by the opposite angle, and bilinear rotation by -a is not the
-transpose of bilinear rotation by a (they agree only at multiples of 90 degrees). Measured on an
-8^3 object, 6 views, attenuation + PSF: ||B - A^T|| / ||A|| = 5.5 % for PyTomography's B, and
-``<A x, y>`` and ``<x, B y>`` differ by ~1e-4 relative on random data, 1e3 times float precision.
-The attenuation (diagonal) and collimator-response (symmetric Gaussian, zero padding) transforms
-are exact adjoints of themselves, so :func:`back_project` reuses PyTomography's padding and
-transforms and replaces only the back-rotation by the vector-Jacobian product of the forward
-rotation. With it, the gradient of any loss of ``A x`` is the true gradient of the model that
-``system_matrix.forward`` computes. ``adjoint="pytomography"`` keeps PyTomography's back
-projection instead (the one OSEM uses; then the optimum matches OSEM's fixed point).
+Why not simply ``system_matrix.backward``: PyTomography's back projection is *matched* but not the
+exact transpose. Its forward rotates the object with bilinear interpolation by an angle and its back
+projection rotates back by the opposite angle, and bilinear rotation by -a is not the transpose of
+bilinear rotation by a (they agree only at multiples of 90 degrees); on a small object the two
+differ by a few per cent (``docs/operator/README.md``). The attenuation (diagonal) and collimator-
+response (symmetric Gaussian, zero padding) transforms are exact adjoints of themselves, so
+:func:`back_project` reuses PyTomography's padding and transforms and replaces only the back-
+rotation by the vector-Jacobian product of the forward rotation. With it, the gradient of any loss
+of ``A x`` is the true gradient of the model that ``system_matrix.forward`` computes.
+``adjoint="pytomography"`` keeps PyTomography's back projection instead (the one OSEM uses; then the
+optimum matches OSEM's fixed point).
 """
 from __future__ import annotations
 

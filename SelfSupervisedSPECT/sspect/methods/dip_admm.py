@@ -48,7 +48,7 @@ from ..errors import SSPECTError
 from . import Events, Method, Param, Result, register
 from .toolkit import parameters
 from .toolkit.counts import check_subsets, hold_out
-from .toolkit.fitting import Check, EarlyStopping, Step, fit, reproducible
+from .toolkit.fitting import EarlyStopping, Step, fit, reproducible
 from .toolkit.inputs import prior_input, short_osem
 from .toolkit.losses import held_out_nll, mean_squared_error
 from .toolkit.networks import Padding, describe, image_scale, unet
@@ -175,17 +175,17 @@ def run_dip_admm(problem, params, events: Events) -> Result:
                 done["outer"] = iteration = n_iter + 1
                 step = iteration * fit_steps
                 image = object.detach() / keep  # full-count scale
-                check = Check(None, image.clone())
+                validation = None
                 if counts.validation is not None:
-                    check.validation = held_out_nll(system_matrix.forward(image) + counts.scatter, counts.validation, fraction)
-                stopping.update(step, check.validation, check.candidate)
+                    validation = held_out_nll(system_matrix.forward(image) + counts.scatter, counts.validation, fraction)
+                stopping.update(step, validation, image.clone())
                 message = f"iteration {iteration}/{n_outer}, network fit mse {prior_network.last_loss:.4g}"
-                if check.validation is not None:
-                    message += f", validation {check.validation:.6g}"
+                fields = {"stage": "admm", "iteration": iteration, "step": step, "loss": prior_network.last_loss}
+                if validation is not None:
+                    message, fields["validation"] = message + f", validation {validation:.6g}", validation
                 if events.wants_iterates:
                     events.iterate(step, image.cpu().numpy().copy())
-                events.progress((pretrain + step) / total, message, stage="admm", iteration=iteration, step=step,
-                                loss=prior_network.last_loss, **({"validation": check.validation} if check.validation is not None else {}))
+                events.progress((pretrain + step) / total, message, **fields)
                 if stopping.should_stop:
                     raise _Stop()
                 prior_network.progress = ((pretrain + step) / total, fit_steps / total)

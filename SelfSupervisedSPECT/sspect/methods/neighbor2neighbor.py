@@ -59,7 +59,8 @@ def run_neighbor2neighbor(problem, params, events: Events) -> Result:
         scale = image_scale(counts.train)
         noisy = (counts.train / scale)[None, None]
         full = Padding(noisy.shape[2:])
-        halves = Padding(subsample(noisy, neighbour_cells(noisy.shape, noisy.device)[0]).shape[2:])
+        views, rows, columns = noisy.shape[2:]
+        halves = Padding((views, rows // 2, columns // 2))
         network = unet(params["features"], head="residual").to(problem.device)
 
         def denoise(volume, padding):

@@ -27,7 +27,9 @@ def unet(features: int, in_channels: int = 1, *, head: str, levels: int = 4, sta
 
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, not {head!r}")
-    network = UNet(spatial_dims=3, in_channels=in_channels if head != "residual" else 1, out_channels=1,
+    if head == "residual" and in_channels != 1:
+        raise ValueError("a residual head adds its output to its one-channel input")
+    network = UNet(spatial_dims=3, in_channels=in_channels, out_channels=1,
                    channels=level_channels(features, levels), strides=(2,) * (levels - 1), num_res_units=0, norm="instance")
     output_layer = network.model[-1].conv
     with torch.no_grad():

@@ -30,7 +30,7 @@ from ..atomic import file_sha256
 from ..errors import SSPECTError
 from ..methods import Events
 from ..methods.supervised import KINDS, Scan, build_model, save_model
-from ..methods.toolkit.fitting import Step, fit
+from ..methods.toolkit.fitting import EarlyStopping, Step, fit
 from ..methods.toolkit.losses import nrmse_squared
 from ..methods.toolkit.weights import read_weights, save_weights
 
@@ -292,6 +292,9 @@ def train(manifest_path, out_dir, settings: TrainSettings, events=None, resume: 
         if resume:
             record, best_state = _read_checkpoint(checkpoint, model, optimiser, identity)
             events.log(f"resumed at step {record['step']} from {checkpoint}")
+        stopping = EarlyStopping(0)  # keeps the best validation; a resumed run starts from the one it had
+        if record["best"] is not None:
+            stopping.update(record["best"]["step"], record["best"]["loss"], record["best"])
         network = place.wrap(model)
         started = time.perf_counter() - record["seconds"]
 
@@ -328,7 +331,8 @@ def train(manifest_path, out_dir, settings: TrainSettings, events=None, resume: 
                     network.eval()
                     measured = {"step": step, "train_loss": value, **_validate(model, validation)}
                     record["history"].append({k: v for k, v in measured.items() if k != "cases"})
-                    if record["best"] is None or measured["loss"] < record["best"]["loss"]:
+                    stopping.update(step, measured["loss"], measured)
+                    if stopping.best_step == step:
                         record["best"], best_state = measured, _state(model)
                         write_model(best_state)
                     events.log(f"step {step}: validation NRMSE {measured['nrmse_median']:.4f} "

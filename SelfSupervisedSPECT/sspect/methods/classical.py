@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from . import Events, Method, Param, Result, register
+from .toolkit.counts import check_subsets
 
 ITERATIONS = Param("iterations", int, 4, "Number of full passes through the data", 1, 200)
 SUBSETS = Param("subsets", int, 6, "Number of ordered subsets (views per subset = views / subsets)", 1, 64)
@@ -29,14 +30,6 @@ def _progress_callback(events: Events, n_iters: int, n_subsets: int):
     return ProgressCallback()
 
 
-def _check_subsets(problem, params):
-    from ..errors import SSPECTError
-
-    views = problem.projections.shape[0]
-    if params["subsets"] > views:
-        raise SSPECTError(f"{params['subsets']} subsets is more than the {views} views; choose at most {views} subsets.")
-
-
 def _prior(problem, params):
     from pytomography.priors import RelativeDifferencePrior, TopNAnatomyNeighbourWeight
 
@@ -50,7 +43,7 @@ def _prior(problem, params):
 
 
 def _run(algorithm, problem, params, events):
-    _check_subsets(problem, params)
+    check_subsets(problem, params["subsets"])
     image = algorithm(params["iterations"], params["subsets"],
                       callback=_progress_callback(events, params["iterations"], params["subsets"]))
     return Result(image.detach().cpu().numpy(), {"iterations": params["iterations"], "subsets": params["subsets"]})

@@ -44,9 +44,9 @@ from pathlib import Path
 
 from ..errors import SSPECTError
 from . import Events, Method, Param, Result, register
-from .toolkit.counts import scatter_or_zeros
+from .toolkit.counts import check_subsets, scatter_or_zeros
 from .toolkit.fitting import reproducible
-from .toolkit.inputs import ct_channel, start_image
+from .toolkit.inputs import ct_channel, osem
 from .toolkit.networks import Padding, inverse_softplus, unet
 from .toolkit.weights import WEIGHTS_FOLDER, check_study, load_state, read_weights, \
     resolve_weights, save_weights, tensors_of, voxel_mm
@@ -68,7 +68,8 @@ class Scan:
         self.system_matrix = problem.system_matrix
         self.counts = problem.projections.to(problem.device).float()
         self.scatter = scatter_or_zeros(problem).float()
-        self.start = start_image(problem, start_iterations, start_subsets)
+        check_subsets(problem, start_subsets)
+        self.start = osem(self.system_matrix, self.counts, self.scatter, start_iterations, start_subsets).float()
         self.scale = max(float(self.start.mean()), 1e-12)
         self.ct = ct_channel(problem) if use_ct else None
         self.padding = Padding(self.start.shape)  # a multiple of 8: both networks halve the grid at most three times

@@ -1,8 +1,6 @@
 """Images a network starts from or sees: a short OSEM, the back-projected data, the CT, fixed noise."""
 from __future__ import annotations
 
-from .counts import check_subsets
-
 
 def osem(system_matrix, counts, scatter, iterations: int, subsets: int, report=None):
     """PyTomography's OSEM (subsets capped at the views); ``report(done, total)`` after every subiteration."""
@@ -29,15 +27,6 @@ def short_osem(system_matrix, counts, scatter):
     views = counts.shape[0]
     subsets = max(d for d in range(1, min(views, 8) + 1) if views % d == 0)
     return osem(system_matrix, counts, scatter, 2, subsets)
-
-
-def start_image(problem, iterations: int, subsets: int):
-    """OSEM of all the problem's counts, the image the supervised networks correct."""
-    from .counts import scatter_or_zeros
-
-    check_subsets(problem, subsets)
-    counts = problem.projections.to(problem.device).float()
-    return osem(problem.system_matrix, counts, scatter_or_zeros(problem).float(), iterations, subsets).float()
 
 
 def has_ct(problem) -> bool:

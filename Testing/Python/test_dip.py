@@ -14,7 +14,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 from sspect.eval.metrics import nrmse
 from sspect.methods import Events, all_methods, get_method

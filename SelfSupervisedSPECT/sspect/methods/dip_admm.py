@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import math
 
-from ..errors import SSPECTError
 from . import Events, Method, Param, Result, register
 from .toolkit import parameters
 from .toolkit.counts import check_subsets, hold_out

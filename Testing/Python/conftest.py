@@ -63,6 +63,22 @@ def problem(study):
         return bed_problem(study, device="cpu")
 
 
+@pytest.fixture(scope="module")
+def run_with_defaults(problem):
+    """Runs a method at its default parameters on the small study (the run a user gets): result, events, seconds."""
+    import time
+
+    from sspect.methods import Events, get_method
+
+    def run(name: str) -> dict:
+        events = []
+        started = time.perf_counter()
+        result = get_method(name).reconstruct(problem, {}, Events(events.append))
+        return {"result": result, "events": events, "seconds": time.perf_counter() - started}
+
+    return run
+
+
 @pytest.fixture
 def stop_after():
     """A factory of Events that ask a method to stop after n progress events (and the events seen)."""

@@ -10,7 +10,6 @@ import contextlib
 import dataclasses
 import io
 import json
-import time
 
 import numpy as np
 import pytest
@@ -29,12 +28,8 @@ TINY = {"features": 4, "pretrain_steps": 10, "steps": 12, "validation_interval":
 
 
 @pytest.fixture(scope="module")
-def default_run(problem):
-    """dip with its default parameters on the small study (the run a user gets)."""
-    events = []
-    started = time.perf_counter()
-    result = get_method("dip").reconstruct(problem, {}, Events(events.append))
-    return {"result": result, "events": events, "seconds": time.perf_counter() - started}
+def default_run(run_with_defaults):
+    return run_with_defaults("dip")
 
 
 # ---------------------------------------------------------------- dip

@@ -5,7 +5,6 @@ One PyTorch thread. The default-parameter run is shared by the early-stopping an
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -28,12 +27,8 @@ def osem(problem):
 
 
 @pytest.fixture(scope="module")
-def default_run(problem):
-    """dip-admm with its default parameters on the small study (the run a user gets)."""
-    events = []
-    started = time.perf_counter()
-    result = get_method("dip-admm").reconstruct(problem, {}, Events(events.append))
-    return {"result": result, "events": events, "seconds": time.perf_counter() - started}
+def default_run(run_with_defaults):
+    return run_with_defaults("dip-admm")
 
 
 def test_dip_admm_is_registered_as_a_self_supervised_method():

@@ -10,7 +10,6 @@ import contextlib
 import dataclasses
 import io
 import json
-import time
 
 import numpy as np
 import pytest
@@ -60,12 +59,8 @@ def pretrained(other_scans, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def default_run(problem):
-    """dl-bpf with its default parameters on the small study (the run a user gets)."""
-    events = []
-    started = time.perf_counter()
-    result = get_method("dl-bpf").reconstruct(problem, {}, Events(events.append))
-    return {"result": result, "events": events, "seconds": time.perf_counter() - started}
+def default_run(run_with_defaults):
+    return run_with_defaults("dl-bpf")
 
 
 # ---------------------------------------------------------------- the input

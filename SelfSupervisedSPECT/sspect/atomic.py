@@ -9,12 +9,14 @@ name. The guarantee is against the process dying, not against power loss (no fsy
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import secrets
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SSPECTError
@@ -81,8 +83,8 @@ def atomic_directory(final_dir: str | os.PathLike, *, overwrite: bool = False) -
         yield temporary
         _check_destination_folder(final, overwrite)
         if final.is_dir() and not _is_non_empty_directory(final):
-            final.rmdir()
-        if final.exists():
+            _rename_onto_empty_folder(temporary, final)
+        elif final.exists():
             previous = _hidden_sibling(final, "previous")
             os.rename(final, previous)
             try:
@@ -96,6 +98,65 @@ def atomic_directory(final_dir: str | os.PathLike, *, overwrite: bool = False) -
     except BaseException:
         _remove(temporary)
         raise
+
+
+def _rename_onto_empty_folder(temporary: Path, final: Path) -> None:
+    try:
+        os.rename(temporary, final)  # POSIX replaces an empty folder in one step
+    except OSError:
+        final.rmdir()  # Windows does not
+        os.rename(temporary, final)
+
+
+@dataclass
+class ResultSet:
+    """A result's files, written under ``temporary`` and appearing together as ``folder`` (named ``name``)."""
+
+    name: str
+    folder: Path
+    temporary: Path
+
+
+@contextmanager
+def result_set(out_dir: str | os.PathLike, name: str, *, numbered: bool, overwrite: bool) -> Iterator[ResultSet]:
+    """Claim ``out_dir/name`` and yield a temporary folder that replaces it in one rename on success.
+
+    The claim is an empty folder made with mkdir, which only one process can do, so two runs into
+    one output folder never share a result. ``numbered`` (a default name): a taken name becomes
+    ``name_2``, ``name_3`` ... . Otherwise a taken name is refused unless ``overwrite``; then the
+    old set is removed only once the new one is complete. On failure the claim is given back and
+    nothing visible changes.
+    """
+    out = Path(out_dir)
+    claimed = None
+    if numbered:
+        for number in itertools.count(1):
+            candidate = name if number == 1 else f"{name}_{number}"
+            try:
+                (out / candidate).mkdir()
+            except FileExistsError:
+                continue
+            claimed = out / candidate
+            break
+    else:
+        candidate = name
+        final = out / name
+        if final.exists() and not final.is_dir():
+            raise SSPECTError(f"A file named {name} is in the way of the result folder in {out}; move it or choose another name.")
+        if _is_non_empty_directory(final) and not overwrite:
+            raise SSPECTError(f"A result named {name} already exists in {out}; choose another name, or allow overwriting (--overwrite, or \"overwrite\": true in a job file).")
+        with suppress(FileExistsError):
+            final.mkdir()
+            claimed = final
+    final = out / candidate
+    succeeded = False
+    try:
+        with atomic_directory(final, overwrite=overwrite) as temporary:
+            yield ResultSet(candidate, final, temporary)
+        succeeded = True
+    finally:
+        if claimed is not None and not succeeded and claimed.is_dir() and not _is_non_empty_directory(claimed):
+            claimed.rmdir()
 
 
 def write_text_atomic(path: str | os.PathLike, text: str, *, encoding: str = "utf-8") -> Path:

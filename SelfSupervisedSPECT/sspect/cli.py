@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import SSPECTError
+from .errors import TERMINATED_EXIT_CODE, SSPECTError, Terminated, sigterm_as_interrupt
 
 
 def _settings(args, method_params: dict):
@@ -20,7 +20,7 @@ def _settings(args, method_params: dict):
                     lower_window=args.lower_window, upper_window=args.upper_window, collimator=args.collimator,
                     isotope=args.isotope, photopeaks=args.photopeaks, calibration_cps_per_MBq=args.calibration, device=args.device, seed=args.seed,
                     formats=tuple(args.formats.split(",")), name=args.name, detector_binning=args.binning,
-                    projector=args.projector)
+                    projector=args.projector, overwrite=args.overwrite)
 
 
 def _method_params(args) -> dict:
@@ -263,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("--projector", default="fast",
                        help="the SPECT system model: fast (default) or PyTomography's own, the reference")
     recon.add_argument("--formats", default="nrrd,dicom", help="comma-separated: nrrd, nifti, dicom")
-    recon.add_argument("--name", help="base name of the result files")
+    recon.add_argument("--name", help="name of the result folder and its files (default: from the method; a taken default gets _2, _3 ...)")
+    recon.add_argument("--overwrite", action="store_true", help="replace a result of the same --name (refused otherwise)")
     recon.add_argument("--out", required=True, help="output folder")
     _add_study_options(recon)
     recon.set_defaults(func=command_reconstruct)
@@ -337,12 +338,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Exit codes: 0 done, 2 refused (one sentence), 130 Ctrl-C, 143 SIGTERM; run-job adds 3 for an engine bug."""
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with sigterm_as_interrupt():
+            return args.func(args)
     except SSPECTError as error:
         print(f"sspect: {error}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("sspect: stopped by SIGTERM; files already complete were kept, nothing half-written was left.", file=sys.stderr)
+        return TERMINATED_EXIT_CODE
     except KeyboardInterrupt:
         print("sspect: cancelled; files already complete were kept, nothing half-written was left.", file=sys.stderr)
         return 130

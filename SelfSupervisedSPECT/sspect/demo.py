@@ -46,7 +46,7 @@ def run_demo(out: Path, events: Events | None = None, quick: bool = False, seed:
         simulated = write_demo_study(out / "study", seed=seed, n_views=32 if quick else 64)
     settings = Settings(method="osem", params={"iterations": 2 if quick else 4, "subsets": 4 if quick else 8},
                         calibration_cps_per_MBq=simulated["sensitivity_cps_per_mbq"], seed=seed,
-                        formats=("nrrd", "dicom"), name="demo_osem")
+                        formats=("nrrd", "dicom"), name="demo_osem", overwrite=True)
     study = load_study(simulated["nm"], simulated["ct"], settings)
     image, provenance = reconstruct_study(study, settings, events)
     phantom = simulated["phantom"]
@@ -55,13 +55,13 @@ def run_demo(out: Path, events: Events | None = None, quick: bool = False, seed:
     files = write_results(image, provenance, study, settings, out, truth=truth_comparison(image, phantom))
     # the same study through the shipped supervised network (trained on other, simulated torso scans)
     supervised = Settings(method="post-unet", calibration_cps_per_MBq=simulated["sensitivity_cps_per_mbq"], seed=seed,
-                          formats=("nrrd",), name="demo_post_unet")
+                          formats=("nrrd",), name="demo_post_unet", overwrite=True)
     image, provenance = reconstruct_study(study, supervised, events)
     supervised_files = write_results(image, provenance, study, supervised, out, truth=truth_comparison(image, phantom))
     # and through a self-supervised method, which learns from this scan alone
     self_supervised = Settings(method=SELF_SUPERVISED, params=QUICK_SELF_SUPERVISED if quick else {},
                                calibration_cps_per_MBq=simulated["sensitivity_cps_per_mbq"], seed=seed,
-                               formats=("nrrd",), name="demo_" + SELF_SUPERVISED.replace("-", "_"))
+                               formats=("nrrd",), name="demo_" + SELF_SUPERVISED.replace("-", "_"), overwrite=True)
     image, provenance = reconstruct_study(study, self_supervised, events)
     learned_files = write_results(image, provenance, study, self_supervised, out, truth=truth_comparison(image, phantom))
     return {**files, "supervised_report": supervised_files["report"], "supervised_nrrd": supervised_files["nrrd"],

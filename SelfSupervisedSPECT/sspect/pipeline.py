@@ -5,7 +5,11 @@ give the same numbers everywhere.
 """
 from __future__ import annotations
 
+import math
 import platform
+import re
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +28,9 @@ from .physics.system import Geometry, PeakData, build_problem, tew_scatter
 from .volume import Volume
 
 FORMATS = ("nrrd", "nifti", "dicom")
+SEED_RANGE = range(0, 2**32)  # what numpy's and torch's generators both take
+RESULT_NAME = re.compile(r"[A-Za-z0-9_+()-][A-Za-z0-9 _.+()-]{0,79}")  # a file name on every system, with room for suffixes
+ROOM_MARGIN_BYTES = 50e6  # preview, report and DICOM headers
 
 
 @dataclass
@@ -45,6 +52,7 @@ class Settings:
     name: str | None = None
     detector_binning: int = 1  # 2: 2x2 detector pixels summed, a 2x coarser grid (networks ~8x faster)
     projector: str = "fast"  # or "pytomography", the reference model
+    overwrite: bool = False  # a result of the same (given) name is replaced instead of refused
 
 
 @dataclass
@@ -71,10 +79,49 @@ def check_settings(settings: Settings) -> None:
         get_collimator(settings.collimator)
     if settings.isotope:
         parse_photopeaks(get_isotope(settings.isotope), settings.photopeaks)
-    if settings.calibration_cps_per_MBq is not None and settings.calibration_cps_per_MBq <= 0:
-        raise SSPECTError("The calibration factor must be positive (counts per second per MBq).")
+    calibration = settings.calibration_cps_per_MBq
+    if calibration is not None and not (isinstance(calibration, (int, float)) and math.isfinite(calibration) and calibration > 0):
+        raise SSPECTError(f"The calibration factor must be a positive finite number of counts per second per MBq, not {calibration!r}.")
     if isinstance(settings.detector_binning, bool) or settings.detector_binning not in range(1, 9):
         raise SSPECTError(f"The detector binning must be a whole number from 1 to 8, not {settings.detector_binning!r}.")
+    if isinstance(settings.seed, bool) or not isinstance(settings.seed, int) or settings.seed not in SEED_RANGE:
+        raise SSPECTError(f"The seed must be a whole number from 0 to {SEED_RANGE.stop - 1}, not {settings.seed!r}.")
+    if settings.name is not None:
+        check_result_name(settings.name)
+
+
+def check_result_name(name) -> None:
+    """A result name is one plain file name: no folder, no hidden file, nothing a file system refuses."""
+    if not isinstance(name, str) or not RESULT_NAME.fullmatch(name) or name.endswith((".", " ")):
+        shown = repr(name) if len(str(name)) <= 40 else repr(str(name)[:40]) + f"... ({len(str(name))} characters)"
+        raise SSPECTError(f"The result name {shown} is not a plain file name; use up to 80 letters, digits, spaces "
+                          "and - _ . + ( ), not starting with a dot or a space.")
+
+
+def check_output_folder(out_dir) -> Path:
+    """The output folder exists (created if need be) and takes files; checked before any work."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise SSPECTError(f"The output folder {out} is a file; choose a folder.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryDirectory(dir=out, prefix=".sspect-write-check-").cleanup()
+    except (NotADirectoryError, FileExistsError):
+        raise SSPECTError(f"The output folder {out} cannot be made because part of its path is a file; choose another folder.") from None
+    except OSError as error:
+        raise SSPECTError(f"The output folder {out} cannot be written ({error.strerror or error}); choose a folder you may write to.") from None
+    return out
+
+
+def check_room(out: Path, study: "Study", settings: Settings) -> None:
+    """Refuse a result that the output folder's disk cannot hold, before reconstructing it."""
+    voxels = sum(int(np.prod(bed.object_shape)) for bed in study.beds)
+    volumes = sum(f in settings.formats for f in ("nrrd", "nifti")) + 1  # and an uncertainty map
+    needed = voxels * 4 * volumes + voxels * 2 * ("dicom" in settings.formats) + ROOM_MARGIN_BYTES
+    free = shutil.disk_usage(out).free
+    if free < needed:
+        raise SSPECTError(f"The disk of {out} has {free / 1e6:.0f} MB free but the result needs about {needed / 1e6:.0f} MB; "
+                          "free space or choose another output folder.")
 
 
 def load_study(nm_paths, ct_source=None, settings: Settings | None = None) -> Study:
@@ -103,6 +150,10 @@ def load_study(nm_paths, ct_source=None, settings: Settings | None = None) -> St
         raise SSPECTError("Windows given by hand serve one photopeak; give one photopeak with them, or leave the windows automatic.")
     peaks = [choose_windows(first.windows, photopeak.energy_keV, settings.peak_window, settings.lower_window, settings.upper_window)
              for photopeak in photopeaks]
+    for bed in beds:
+        for windows in peaks:
+            if not bed.projections[windows.peak.index].sum() > 0:
+                raise SSPECTError(f"The photopeak window {windows.peak.describe()} of {bed.path} holds no counts; check that this is the right projection file and photopeak window.")
     switched_off = any(str(w).strip().lower() in NONE_WORDS for w in (settings.lower_window, settings.upper_window) if w is not None)
     for windows in peaks:
         if windows.scatter_method == "none":
@@ -312,45 +363,59 @@ def result_name(settings: Settings, params: dict) -> str:
 
 def write_results(volume: Volume, provenance: dict, study: Study, settings: Settings, out_dir,
                   truth: dict | None = None) -> dict:
-    """Image files, provenance, preview and report, each written atomically."""
+    """The result set (image files, provenance, preview, report) as one folder in ``out_dir``, written as a whole.
+
+    A set appears in one rename, so a killed run leaves the old complete set or the new one; a
+    default name that is taken gets a number, a given one is refused unless overwriting.
+    """
+    from .atomic import result_set
+
+    name = result_name(settings, provenance["params"])
+    try:
+        with result_set(check_output_folder(out_dir), name, numbered=settings.name is None,
+                        overwrite=settings.overwrite) as result:
+            return _write_set(volume, provenance, study, settings, result, truth)
+    except OSError as error:
+        raise SSPECTError(f"Writing the result into {out_dir} failed ({error.strerror or error}); "
+                          "free space on that disk or choose another output folder.") from None
+
+
+def _write_set(volume: Volume, provenance: dict, study: Study, settings: Settings, result, truth) -> dict:
     from .atomic import write_json_atomic
     from .io.dicom_export import write_dicom_series
     from .io.volume_files import write_nifti, write_nrrd
     from .report import write_preview, write_report
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    name = result_name(settings, provenance["params"])
-    files = {}
+    name = result.name
+    files = {}  # where each file will be once the set is in place
+
+    def place(kind: str, file_name: str) -> Path:
+        files[kind] = str(result.folder / file_name)
+        return result.temporary / file_name
+
     if "nrrd" in settings.formats:
-        files["nrrd"] = str(out_dir / f"{name}.nrrd")
-        write_nrrd(volume, files["nrrd"])
+        write_nrrd(volume, place("nrrd", f"{name}.nrrd"))
     if "nifti" in settings.formats:
-        files["nifti"] = str(out_dir / f"{name}.nii.gz")
-        write_nifti(volume, files["nifti"])
+        write_nifti(volume, place("nifti", f"{name}.nii.gz"))
     if volume.uncertainty is not None:  # the method's voxel SD, beside the image in the first volume format asked
         sd = Volume(volume.uncertainty, volume.spacing, volume.origin, volume.direction, volume.unit)
         if "nrrd" in settings.formats or "nifti" not in settings.formats:
-            files["uncertainty"] = str(out_dir / f"{name}_uncertainty.nrrd")
-            write_nrrd(sd, files["uncertainty"])
+            write_nrrd(sd, place("uncertainty", f"{name}_uncertainty.nrrd"))
         else:
-            files["uncertainty"] = str(out_dir / f"{name}_uncertainty.nii.gz")
-            write_nifti(sd, files["uncertainty"])
+            write_nifti(sd, place("uncertainty", f"{name}_uncertainty.nii.gz"))
     if "dicom" in settings.formats:
-        files["dicom"] = str(out_dir / f"{name}_dicom")
         first = study.beds[0]
-        write_dicom_series(volume, files["dicom"], reference_nm_path=first.path, overwrite=True, metadata={
+        write_dicom_series(volume, place("dicom", f"{name}_dicom"), reference_nm_path=first.path, overwrite=True, metadata={
             "reconstruction_method": f"{provenance['method_title']} ({', '.join(f'{k}={v}' for k, v in provenance['params'].items())})",
             "corrections": provenance["corrections"], "radionuclide": study.isotope.radionuclide_metadata(),
             "acquisition_duration_s": first.frame_duration_s * first.n_views / max(first.n_detectors, 1)},
             series_description=f"sspect {name} [{volume.unit}]")
-    files["preview"] = str(out_dir / f"{name}_preview.png")
-    write_preview(volume, ct_on_grid(study, volume), Path(files["preview"]), f"{provenance['method_title']} [{volume.unit}]")
-    files["provenance"] = str(out_dir / f"{name}_provenance.json")
-    files["report"] = str(out_dir / f"{name}_report.md")
+    write_preview(volume, ct_on_grid(study, volume), place("preview", f"{name}_preview.png"), f"{provenance['method_title']} [{volume.unit}]")
+    provenance_path = place("provenance", f"{name}_provenance.json")
+    report_path = place("report", f"{name}_report.md")
     provenance = {**provenance, "files": files}
-    write_json_atomic(files["provenance"], provenance)
-    write_report(Path(files["report"]), provenance, volume, files, describe_study(study), truth)
+    write_json_atomic(provenance_path, provenance)
+    write_report(report_path, provenance, volume, files, describe_study(study), truth)
     return files
 
 
@@ -358,7 +423,9 @@ def run(nm_paths, ct_source, settings: Settings, out_dir, events: Events | None 
     """The whole job: load, reconstruct, write; returns the written files and the provenance."""
     events = events or Events()
     check_settings(settings)
+    out = check_output_folder(out_dir)
     study = load_study(nm_paths, ct_source, settings)
+    check_room(out, study, settings)
     for warning in study.warnings:
         events.emit("warning", message=warning)
     volume, provenance = reconstruct_study(study, settings, events)

@@ -142,14 +142,17 @@ def _check_is_projection_data(ds: pydicom.Dataset, path: str) -> None:
             raise SSPECTError(f"{path} lacks the DICOM attribute {keyword} that SPECT reconstruction needs; export the projections from the scanner again.")
 
 
-def _energy_windows(ds: pydicom.Dataset) -> list[EnergyWindow]:
+def _energy_windows(ds: pydicom.Dataset, path: str) -> list[EnergyWindow]:
     windows = []
     for index, item in enumerate(ds.EnergyWindowInformationSequence):
         ranges = item.get("EnergyWindowRangeSequence", [])
         if not ranges:
             raise SSPECTError(f"Energy window {index} has no energy range in the file; export the projections with window limits.")
-        windows.append(EnergyWindow(index, float(ranges[0].EnergyWindowLowerLimit),
-                                    float(ranges[0].EnergyWindowUpperLimit), str(item.get("EnergyWindowName", ""))))
+        lower = _values(ranges[0], "EnergyWindowLowerLimit", f"lower limit of energy window {index}", path, count=1)[0]
+        upper = _values(ranges[0], "EnergyWindowUpperLimit", f"upper limit of energy window {index}", path, count=1)[0]
+        if not 0 <= lower < upper:
+            raise SSPECTError(f"{path} gives energy window {index} from {lower:g} to {upper:g} keV; its lower limit must be at least 0 and below its upper limit, so correct the window limits.")
+        windows.append(EnergyWindow(index, lower, upper, str(item.get("EnergyWindowName", ""))))
     return windows
 
 
@@ -209,32 +212,23 @@ def read_projections(path: str) -> ProjectionStudy:
     path = str(ds.filename)
     _check_is_projection_data(ds, path)
     warnings = []
-    rotation_directions = []
-    for item in ds.RotationInformationSequence:
-        direction = str(item.get("RotationDirection", "")).upper()
-        if direction not in ROTATION_DIRECTIONS:
-            raise SSPECTError(f"{path} gives the rotation direction '{direction}', neither CW nor CC; the angles cannot be trusted, so correct the Rotation Direction tag.")
-        rotation_directions.append(ROTATION_DIRECTIONS[direction])
+    rotation_directions = _normalise_rotation_directions(ds, path)
     if "Manufacturer" not in ds:
         # PyTomography's reader compares Manufacturer with 'Mediso' and fails when it is absent.
         ds.Manufacturer = ""
         warnings.append("The file has no Manufacturer; the GE/Siemens geometry conventions were assumed.")
-    try:
-        ds.pixel_array  # decode once here so a truncated file fails with a clear message
-    except Exception as error:  # pydicom raises several types for damaged pixel data
-        raise SSPECTError(f"The pixel data of {path} cannot be read ({error}); the file is probably truncated, so copy it again.") from None
-    frames = int(ds.get("NumberOfFrames", 1))
-    if len(ds.EnergyWindowVector) != frames or len(ds.DetectorVector) != frames:
-        raise SSPECTError(f"{path} has {frames} frames but window/detector vectors of another length; the file is inconsistent, so export it again.")
+    check_orbit(ds, path)
+    check_frames(ds, path)
     projections, angles, radii, _ = parse_projection_dataset(ds)
     projections = projections[:, 0].cpu().numpy()  # first (only) time slot
-    windows = _energy_windows(ds)
+    windows = _energy_windows(ds, path)
     if projections.shape[0] != len(windows):
         raise SSPECTError(f"{path} declares {len(windows)} energy windows but holds frames for {projections.shape[0]}; export the projections again.")
+    if not np.all(np.isfinite(radii)) or np.any(radii <= 0) or len(radii) != len(angles):
+        raise SSPECTError(f"{path} gives radial positions that are not one positive distance per view; correct the Radial Position tags or export the projections again.")
+    warnings += _orbit_warnings(np.asarray(angles, dtype=float), float(ds.RotationInformationSequence[0].AngularStep))
+    warnings += _hot_pixel_warnings(projections, windows)
     rotation = ds.RotationInformationSequence[0]
-    duration_ms = rotation.get("ActualFrameDuration", None)
-    if not duration_ms:
-        raise SSPECTError(f"{path} gives no frame duration (Actual Frame Duration); quantification needs it, so export the projections with it.")
     detector = ds.DetectorInformationSequence[0]
     header = ds.copy()
     del header.PixelData
@@ -248,8 +242,8 @@ def read_projections(path: str) -> ProjectionStudy:
         pixel_mm=(float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1])),
         affine=_object_affine(ds),
         rotation_directions=rotation_directions,
-        n_detectors=int(ds.get("NumberOfDetectors", len(ds.DetectorInformationSequence))),
-        frame_duration_s=float(duration_ms) / 1000.0,
+        n_detectors=len(ds.DetectorInformationSequence),
+        frame_duration_s=float(rotation.ActualFrameDuration) / 1000.0,
         collimator=str(detector.get("CollimatorGridName", "")).strip(),
         manufacturer=str(ds.get("Manufacturer", "")),
         model=str(ds.get("ManufacturerModelName", "")),
@@ -258,3 +252,165 @@ def read_projections(path: str) -> ProjectionStudy:
         radionuclide_code=_radionuclide_code(ds),
         warnings=warnings,
     )
+
+
+# ---------------------------------------------------------------- validation of the header
+# Every value PyTomography's reader uses is checked here first, because it trusts the header:
+# a lowercase direction mirrors the orbit, a wrong step or frame count gives wrong angles, and a
+# missing tag ends in an AttributeError deep inside it.
+
+HOT_PIXEL_RATIO = 10.0  # a detector element this many times its neighbours' median over all views
+HOT_PIXEL_MIN_EXCESS = 100.0  # summed counts above the median, so that empty regions do not count
+
+
+def _values(item, keyword: str, label: str, path: str, count: int | None = None) -> list[float]:
+    """The attribute's numbers (all finite), refused in one sentence when absent, empty or not numbers."""
+    if keyword not in item or item[keyword].value in (None, "", []):
+        raise SSPECTError(f"{path} gives no {label} ({keyword}); export the projections from the scanner again.")
+    raw = item[keyword].value
+    raw = list(raw) if isinstance(raw, (list, tuple, pydicom.multival.MultiValue)) else [raw]
+    try:
+        numbers = [float(v) for v in raw]
+    except (TypeError, ValueError):
+        raise SSPECTError(f"{path} gives the {label} ({keyword}) as '{raw[0]}', not a number; correct the header or export the projections again.") from None
+    if not all(np.isfinite(numbers)):
+        raise SSPECTError(f"{path} gives a {label} ({keyword}) that is not a finite number; correct the header or export the projections again.")
+    if count is not None and len(numbers) != count:
+        raise SSPECTError(f"{path} gives {len(numbers)} values of the {label} ({keyword}) where {count} are needed; correct the header or export the projections again.")
+    return numbers
+
+
+def _whole(item, keyword: str, label: str, path: str, minimum: int = 1) -> int:
+    value = _values(item, keyword, label, path, count=1)[0]
+    if value != int(value) or value < minimum:
+        raise SSPECTError(f"{path} gives the {label} ({keyword}) as {value:g}, not a whole number of at least {minimum}; correct the header or export the projections again.")
+    return int(value)
+
+
+def _normalise_rotation_directions(ds: pydicom.Dataset, path: str) -> list[str]:
+    """Each rotation's direction as CW or CC, written back so that PyTomography (which compares case-sensitively) reads it so."""
+    if not ds.RotationInformationSequence:
+        raise SSPECTError(f"{path} has an empty Rotation Information Sequence, so the views have no angles; export the projections from the scanner again.")
+    directions = []
+    for item in ds.RotationInformationSequence:
+        direction = str(item.get("RotationDirection", "") or "").strip().upper()
+        if direction not in ROTATION_DIRECTIONS:
+            raise SSPECTError(f"{path} gives the rotation direction '{direction}', neither CW nor CC; the angles cannot be trusted, so correct the Rotation Direction tag.")
+        item.RotationDirection = ROTATION_DIRECTIONS[direction]
+        directions.append(ROTATION_DIRECTIONS[direction])
+    return directions
+
+
+def check_orbit(ds: pydicom.Dataset, path: str) -> None:
+    """Check the orbit, detectors and spacing PyTomography will read."""
+    detectors = ds.DetectorInformationSequence
+    if not detectors:
+        raise SSPECTError(f"{path} has an empty Detector Information Sequence; export the projections from the scanner again.")
+    declared = _whole(ds, "NumberOfDetectors", "number of detectors", path) if ds.get("NumberOfDetectors") not in (None, "") else len(detectors)
+    if declared != len(detectors):
+        raise SSPECTError(f"{path} declares {declared} detectors but describes {len(detectors)}; correct Number of Detectors or export the projections again.")
+    rotation = ds.RotationInformationSequence[0]
+    views = _whole(rotation, "NumberOfFramesInRotation", "number of frames in rotation", path)
+    step = _values(rotation, "AngularStep", "angular step", path, count=1)[0]
+    if step <= 0:
+        raise SSPECTError(f"{path} gives an angular step of {step:g} degrees; it must be positive (the direction is the Rotation Direction tag), so correct the header.")
+    if views * step > 360 + 0.5 * step:
+        raise SSPECTError(f"{path} gives {views} views of {step:g} degrees, more than one turn; correct the angular step or the number of frames in rotation.")
+    if "ScanArc" in rotation and rotation.ScanArc not in (None, ""):
+        arc = _values(rotation, "ScanArc", "scan arc", path, count=1)[0]
+        if min(abs(views * step - arc), abs((views - 1) * step - arc)) > 0.01 * max(arc, step):
+            raise SSPECTError(f"{path} gives {views} frames in rotation with an angular step of {step:g} degrees ({views * step:g} degrees) but a scan arc of {arc:g} degrees; the angles cannot be trusted, so correct the header.")
+    for number, detector in enumerate(detectors):
+        source = detector if "StartAngle" in detector else rotation
+        _values(source, "StartAngle", f"start angle of detector {number + 1}", path, count=1)
+        radii = _radii_item(ds, detector, number)
+        if radii is None:
+            raise SSPECTError(f"{path} gives no radial position of detector {number + 1} (RadialPosition); export the projections from the scanner again.")
+        values = _values(radii, "RadialPosition", f"radial position of detector {number + 1}", path)
+        if len(values) not in (1, views):
+            raise SSPECTError(f"{path} gives {len(values)} radial positions of detector {number + 1} for {views} views; correct the Radial Position tag or export the projections again.")
+        if min(values) <= 0:
+            raise SSPECTError(f"{path} gives a radial position of {min(values):g} mm for detector {number + 1}; the detector must be at a positive distance from the axis, so correct the header.")
+    _values(detectors[0], "ImagePositionPatient", "detector's image position (patient)", path, count=3)
+    if rotation.get("TableHeight") not in (None, ""):
+        _values(rotation, "TableHeight", "table height", path, count=1)
+    spacing = _values(ds, "PixelSpacing", "pixel spacing", path, count=2)
+    if min(spacing) <= 0:
+        raise SSPECTError(f"{path} gives a pixel spacing of {spacing[0]:g} x {spacing[1]:g} mm; it must be positive, so correct the Pixel Spacing tag.")
+    duration = _values(rotation, "ActualFrameDuration", "frame duration (Actual Frame Duration)", path, count=1)[0]
+    if duration <= 0:
+        raise SSPECTError(f"{path} gives a frame duration of {duration:g} ms; quantification needs a positive one, so correct the Actual Frame Duration tag.")
+
+
+def _radii_item(ds: pydicom.Dataset, detector, number: int):
+    """The item whose RadialPosition PyTomography reads for this detector (None when there is none)."""
+    rotations = ds.RotationInformationSequence
+    if ds.get("Manufacturer", "") == "Mediso" or "RadialPosition" not in detector:
+        return rotations[number] if number < len(rotations) and "RadialPosition" in rotations[number] else None
+    return detector
+
+
+def check_frames(ds: pydicom.Dataset, path: str) -> None:
+    """The frames must be counts (whole, non-negative), as many as declared, each named a window and detector of the file.
+
+    pydicom keeps the decoded array, so PyTomography's reader does not decode it again.
+    """
+    frames = _whole(ds, "NumberOfFrames", "number of frames", path)
+    if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+        raise SSPECTError(f"{path} holds floating-point pixel data; SPECT projections are whole counts, so give the scanner's original projection file.")
+    if "PixelData" not in ds:
+        raise SSPECTError(f"{path} holds no pixel data; copy the projection file again.")
+    rows, columns = _whole(ds, "Rows", "number of rows", path), _whole(ds, "Columns", "number of columns", path)
+    bits = _whole(ds, "BitsAllocated", "bits allocated", path)
+    if bits not in (8, 16, 32):
+        raise SSPECTError(f"{path} gives {bits} bits allocated per pixel; projections hold 8, 16 or 32, so export the projections again.")
+    if not ds.file_meta.get("TransferSyntaxUID", pydicom.uid.ExplicitVRLittleEndian).is_compressed:
+        held = len(ds.PixelData) * 8 // (bits * rows * columns)
+        if held != frames:
+            raise SSPECTError(f"{path} says Number of Frames is {frames} but its pixel data holds {held} frames of {rows} x {columns}; the file is inconsistent, so export it again.")
+    try:
+        pixels = ds.pixel_array
+    except Exception as error:  # pydicom raises several types for damaged pixel data
+        raise SSPECTError(f"The pixel data of {path} cannot be read ({error}); the file is probably truncated, so copy it again.") from None
+    pixels = pixels.reshape(frames, rows, columns) if pixels.ndim == 2 else pixels
+    if pixels.shape != (frames, rows, columns):
+        raise SSPECTError(f"{path} says Number of Frames is {frames} but its pixel data holds {pixels.shape[0]}; the file is inconsistent, so export it again.")
+    if pixels.dtype.kind == "f":
+        raise SSPECTError(f"{path} holds floating-point pixel data; SPECT projections are whole counts, so give the scanner's original projection file.")
+    if pixels.min() < 0:
+        raise SSPECTError(f"{path} holds negative counts (signed pixel data down to {int(pixels.min())}); counts are never negative, so check Pixel Representation or export the projections again.")
+    views = int(ds.RotationInformationSequence[0].NumberOfFramesInRotation)
+    window_vector = [int(v) for v in _values(ds, "EnergyWindowVector", "energy window vector", path, count=frames)]
+    detector_vector = [int(v) for v in _values(ds, "DetectorVector", "detector vector", path, count=frames)]
+    n_windows = len(ds.EnergyWindowInformationSequence)
+    if not set(window_vector) <= set(range(1, n_windows + 1)):
+        raise SSPECTError(f"{path} has an energy window vector naming windows beyond the {n_windows} it describes; export the projections again.")
+    if not set(detector_vector) <= set(range(1, len(ds.DetectorInformationSequence) + 1)):
+        raise SSPECTError(f"{path} has a detector vector naming detectors beyond the {len(ds.DetectorInformationSequence)} it describes; export the projections again.")
+    slots = len(set(ds.get("TimeSlotVector") or [1]))
+    for window in sorted(set(window_vector)):
+        held = window_vector.count(window)
+        if held != views * len(ds.DetectorInformationSequence) * slots:
+            raise SSPECTError(f"{path} holds {held} frames of energy window {window} but its rotation declares {views} views for each of {len(ds.DetectorInformationSequence)} detector(s); the angles cannot be trusted, so correct Number of Frames in Rotation or export again.")
+
+
+def _orbit_warnings(angles: np.ndarray, step: float) -> list[str]:
+    covered = len(np.unique(np.round(angles, 3))) * step
+    if covered < 360 - 0.5 * step:
+        return [f"The views cover only {covered:.0f} degrees, not a full turn; the image may show limited-angle artefacts."]
+    return []
+
+
+def _hot_pixel_warnings(projections: np.ndarray, windows: list[EnergyWindow]) -> list[str]:
+    """Detector elements far above their neighbours in every view: a collimator blur never makes a one-pixel spike."""
+    from scipy.ndimage import median_filter
+
+    found = []
+    for window in windows:
+        summed = projections[window.index].sum(axis=0)
+        neighbours = median_filter(summed, size=3, mode="nearest")
+        hot = (summed > HOT_PIXEL_RATIO * neighbours) & (summed - neighbours > HOT_PIXEL_MIN_EXCESS)
+        if hot.any():
+            ratio = float((summed[hot] / np.maximum(neighbours[hot], 1)).max())
+            found.append(f"Window {window.describe()} has {int(hot.sum())} hot detector pixel(s), up to {ratio:.0f} times their neighbours over all views; check the detector's uniformity, the image may show a streak.")
+    return found

@@ -44,7 +44,11 @@ def _write_sitk(image: sitk.Image, path: str | os.PathLike, image_io: str) -> Pa
     writer.UseCompressionOn()
     with atomic_path(path) as temporary:
         writer.SetFileName(str(temporary))
-        writer.Execute(image)
+        try:
+            writer.Execute(image)
+        except RuntimeError as error:  # SimpleITK reports a full disk or a refused file this way
+            raise SSPECTError(f"Writing {Path(path).name} into {Path(path).parent} failed ({str(error).strip().splitlines()[-1]}); "
+                              "free space on that disk or choose another output folder.") from None
     return Path(path)
 
 

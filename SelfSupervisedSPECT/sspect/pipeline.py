@@ -164,6 +164,7 @@ def load_study(nm_paths, ct_source=None, settings: Settings | None = None) -> St
     ct = None
     if ct_source is not None:
         ct = read_ct_series(ct_source, first.frame_of_reference_uid)
+        warnings += ct.warnings
         for bed in beds:
             warnings += check_ct_matches(ct, bed, peaks[0].peak.index)
     else:

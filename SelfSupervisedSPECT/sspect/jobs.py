@@ -15,6 +15,13 @@ Job file (JSON)::
      "detector_binning": 1,                  # optional: 2 sums 2x2 detector pixels (one bed)
      "projector": "fast"}                    # optional: "pytomography" for PyTomography's own (reference) model
 
+The ``Job`` model below is the schema: the keys above and no others, each of its JSON type
+(strict: "4" is not 4, true is not 1; ``nm`` is a list even for one bed), ``version`` the number 1,
+no NaN or Infinity. Only ``nm`` and ``output_dir`` are required. Value ranges (method parameters,
+device, formats, isotope, calibration > 0, ...) are checked by ``pipeline.check_settings``. Every
+problem with the file is one sentence naming the key, such as "The job's 'windows.peak' must
+be ...", and exit code 2.
+
 Events, one JSON object per line on stdout, nothing else on stdout::
 
     {"event": "start", "job": ...}
@@ -29,79 +36,240 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 import traceback
-from pathlib import Path
+from typing import Annotated, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import SSPECTError
 from .methods import Cancelled, Events
 from .pipeline import Settings, run
 
 JOB_VERSION = 1
-JOB_KEYS = {"version", "nm", "ct", "output_dir", "method", "params", "windows", "collimator",
-            "calibration_cps_per_MBq", "device", "seed", "formats", "name", "detector_binning",
-            "projector", "isotope", "photopeaks"}
-WINDOW_KEYS = {"peak", "lower", "upper"}
+JOB_FILE_MAX_BYTES = 4 * 2**20  # a job is kilobytes (a CT of 3000 files: under 1 MiB); more is the wrong file
+# Strict: a JSON "4" is not 4 and true is not 1; a number given for a float may be written 3 or 3.0.
+STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+Text = Annotated[str, Field(min_length=1)]
+Scalar = Union[bool, int, float, str, None]
 
 
-def read_job(path) -> dict:
+class Windows(BaseModel):
+    """Energy windows by role; null lets the engine choose from the file."""
+
+    model_config = STRICT
+    peak: Union[int, str, None] = Field(None, description='a window index, a keV range such as "187-229" or null')
+    lower: Union[int, str, None] = Field(None, description='a window index, a keV range such as "166-186", "none" or null')
+    upper: Union[int, str, None] = Field(None, description='a window index, a keV range such as "229-250", "none" or null')
+
+
+class Job(BaseModel):
+    """The job file's keys and JSON types; value ranges are the pipeline's to check (check_settings).
+
+    Each description is the words an error sentence uses for what the key must be. ``nm`` is a
+    list even for one bed, as the Slicer module writes it, so a job has one shape.
+    """
+
+    model_config = STRICT
+    # a strict int in 1..1, not Literal[1]: pydantic's Literal[1] takes true and 1.0 even when strict
+    version: int = Field(JOB_VERSION, ge=JOB_VERSION, le=JOB_VERSION, description=f"the number {JOB_VERSION}")
+    nm: list[Text] = Field(min_length=1, description='a list of NM projection files, one per bed, such as ["/data/bed1.dcm"]')
+    ct: Union[Text, Annotated[list[Text], Field(min_length=1)], None] = Field(
+        None, description="a CT folder, a list of CT files or null")
+    output_dir: Text = Field(description="the path of the folder for the result files")
+    method: str = Field("osem", description='a method name such as "osem"')
+    params: dict[str, Union[Scalar, list[Scalar]]] = Field(
+        default_factory=dict, description='an object of parameter names and values such as {"iterations": 4}')
+    windows: Optional[Windows] = Field(None, description="an object with the keys peak, lower and upper, or null")
+    collimator: Optional[str] = Field(None, description='a collimator name such as "GE-MEGP" or null')
+    isotope: Optional[str] = Field(None, description='a name such as "177Lu" or null')
+    photopeaks: Optional[Annotated[list[float], Field(min_length=1)]] = Field(
+        None, description="a list of keV values such as [113, 208] or null")
+    calibration_cps_per_MBq: Optional[float] = Field(None, description="a number of counts per second per MBq or null")
+    device: str = Field("auto", description='"auto", "cpu" or "cuda"')
+    seed: int = Field(0, description="a whole number")
+    formats: list[str] = Field(default_factory=lambda: list(Settings.formats), description='a list of names such as ["nrrd", "dicom"]')
+    name: Optional[str] = Field(None, description="a file name for the results or null")
+    detector_binning: int = Field(1, description="a whole number such as 1 or 2")
+    projector: str = Field("fast", description='"fast" or "pytomography"')
+
+
+JOB_KEYS = frozenset(Job.model_fields)
+MODELS = {(): Job, ("windows",): Windows}  # where in a job an object has keys of its own
+# words for what pydantic wanted inside a key (a key's own words are its description)
+TYPE_WORDS = {"int_type": "a whole number", "float_type": "a number", "string_type": "a string", "bool_type": "true or false",
+              "list_type": "a list", "string_too_short": "a non-empty string"}
+
+
+def read_job(path) -> Job:
+    """The job file, parsed and type-checked; any problem is one SSPECTError sentence."""
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise SSPECTError(f"The job file {_path(path)} must hold a JSON object such as {{\"nm\": [...], \"output_dir\": ...}}, "
+                          f"not {_shown(data)}.")
     try:
-        job = json.loads(Path(path).read_text())
+        return Job.model_validate(data)
+    except ValidationError as error:
+        raise SSPECTError(_sentence(error.errors(include_url=False), data)) from None
+
+
+def _read_json(path):
+    """The file's JSON; whatever is wrong with the file itself is one sentence too."""
+    shown = _path(path)
+    try:
+        with open(path, "rb") as file:
+            data = file.read(JOB_FILE_MAX_BYTES + 1)
     except FileNotFoundError:
-        raise SSPECTError(f"The job file {path} does not exist.") from None
-    except (OSError, ValueError) as error:
-        raise SSPECTError(f"The job file {path} is not valid JSON ({error}).") from None
-    if not isinstance(job, dict):
-        raise SSPECTError(f"The job file {path} must hold a JSON object.")
-    unknown = sorted(set(job) - JOB_KEYS)
-    if unknown:
-        raise SSPECTError(f"The job file has unknown keys {', '.join(unknown)}; the known keys are {', '.join(sorted(JOB_KEYS))}.")
-    if job.get("version", JOB_VERSION) != JOB_VERSION:
-        raise SSPECTError(f"The job file has version {job.get('version')}; this engine reads version {JOB_VERSION}.")
-    for key in ("nm", "output_dir"):
-        if not job.get(key):
-            raise SSPECTError(f"The job file lacks '{key}'.")
-    _check_value_types(job)
-    return job
+        raise SSPECTError(f"The job file {shown} does not exist.") from None
+    except IsADirectoryError:
+        raise SSPECTError(f"The job file {shown} is a folder; give the path of the job's JSON file.") from None
+    except PermissionError:
+        raise SSPECTError(f"The job file {shown} cannot be read (permission denied); allow reading it or write the job elsewhere.") from None
+    except (OSError, ValueError) as error:  # ValueError: a NUL byte in the path
+        cause = getattr(error, "strerror", None) or error
+        raise SSPECTError(f"The job file {shown} cannot be read ({cause}); check its path.") from None
+    if len(data) > JOB_FILE_MAX_BYTES:
+        raise SSPECTError(f"The job file {shown} is larger than {JOB_FILE_MAX_BYTES // 2**20} MiB, far more than a job; "
+                          "check that it is the job file.")
+    try:
+        text = data.decode("utf-8-sig")  # a byte order mark, as some editors write, is no error
+    except UnicodeDecodeError as error:
+        raise SSPECTError(f"The job file {shown} is not UTF-8 text (byte {error.start}); save it as UTF-8.") from None
+    try:
+        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float, parse_int=_double_int,
+                          object_pairs_hook=_unique_keys)
+    except json.JSONDecodeError as error:
+        raise SSPECTError(f"The job file {shown} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}).") from None
+    except RecursionError:
+        raise SSPECTError(f"The job file {shown} is nested too deeply to be a job; check that it is the job file.") from None
 
 
-def _check_value_types(job: dict) -> None:
-    """Values of the wrong JSON type are the caller's mistake, refused as such (not as an engine failure)."""
-    windows = job.get("windows")
-    if windows is not None and not isinstance(windows, dict):
-        raise SSPECTError("The job's 'windows' must be an object with the keys peak, lower and upper.")
-    unknown = sorted(set(windows or {}) - WINDOW_KEYS)
-    if unknown:
-        raise SSPECTError(f"The job's 'windows' has unknown keys {', '.join(unknown)}; the known keys are lower, peak and upper.")
-    if job.get("params") is not None and not isinstance(job["params"], dict):
-        raise SSPECTError("The job's 'params' must be an object of parameter names and values, such as {\"iterations\": 4}.")
-    seed = job.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise SSPECTError(f"The job's 'seed' must be a whole number, not {json.dumps(seed)}.")
-    projector = job.get("projector", "fast")
-    if not isinstance(projector, str):
-        raise SSPECTError(f"The job's 'projector' must be \"fast\" or \"pytomography\", not {json.dumps(projector)}.")
-    isotope = job.get("isotope")
-    if isotope is not None and not isinstance(isotope, str):
-        raise SSPECTError(f"The job's 'isotope' must be a name such as \"177Lu\" or null, not {json.dumps(isotope)}.")
-    photopeaks = job.get("photopeaks")
-    if photopeaks is not None and not (isinstance(photopeaks, list) and photopeaks
-                                       and all(isinstance(p, (int, float)) and not isinstance(p, bool) for p in photopeaks)):
-        raise SSPECTError(f"The job's 'photopeaks' must be a list of keV values such as [113, 208] or null, not {json.dumps(photopeaks)}.")
-    formats = job.get("formats")
-    if formats is not None and not (isinstance(formats, list) and all(isinstance(f, str) for f in formats)):
-        raise SSPECTError("The job's 'formats' must be a list of names such as [\"nrrd\", \"dicom\"].")
+# JSON has no NaN or infinity and its numbers are doubles, though Python's json reads "NaN" and 1e999.
+def _refuse_constant(word: str):
+    raise SSPECTError(f"The job file holds {word}, which is not a JSON number; write a number or null.")
 
 
-def settings_from_job(job: dict) -> Settings:
-    windows = job.get("windows") or {}
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        _too_large(text)
+    return value
+
+
+def _double_int(text: str) -> int:
+    if len(text) > 310 or abs(int(text)) > sys.float_info.max:  # the length test spares int() thousands of digits
+        _too_large(text)
+    return int(text)
+
+
+def _too_large(text: str):
+    shown = text if len(text) <= 20 else text[:20] + "..."
+    raise SSPECTError(f"The job file holds the number {shown}, too large for JSON; write a smaller number.")
+
+
+def _unique_keys(pairs: list) -> dict:
+    """Python's json keeps the last of two equal keys; a job that says two things is refused instead."""
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise SSPECTError(f"The job file gives the key '{_key(key)}' more than once; keep one.")
+        seen.add(key)
+    return dict(pairs)
+
+
+def _sentence(errors: list[dict], data: dict) -> str:
+    """pydantic's errors as one sentence: the first problem, by key path, and how many more there are."""
+    problems: dict[tuple, list[dict]] = {}
+    for error in errors:
+        problems.setdefault(_user_path(error, data), []).append(error)
+    # a union reports every member; one that got deeper (into a list) says more than those refused at the key
+    deeper = {path[:end] for path in problems for end in range(1, len(path))}
+    paths = [p for p in problems if p not in deeper]
+    path = paths[0]
+    kinds = [error["type"] for error in problems[path]]
+    if kinds[0] == "extra_forbidden":
+        parent = path[:-1]
+        unknown = [p[-1] for p in paths if p[:-1] == parent and problems[p][0]["type"] == "extra_forbidden"]
+        names = ", ".join("'" + _key(k) + "'" for k in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        known = ", ".join(sorted(MODELS[parent].model_fields))
+        where = "The job file has" if not parent else f"The job's '{_dotted(parent)}' has"
+        sentence = f"{where} unknown {'key' if len(unknown) == 1 else 'keys'} {names}; the known keys are {known}"
+        rest = len(paths) - len(unknown)
+    elif kinds[0] == "missing":
+        sentence, rest = f"The job file lacks '{_dotted(path)}', which must be {_expected(path, kinds)}", len(paths) - 1
+    else:
+        sentence = f"The job's '{_dotted(path)}' must be {_expected(path, kinds)}, not {_shown(problems[path][0]['input'])}"
+        rest = len(paths) - 1
+    return sentence + (f" (the job file has {rest} more {'problem' if rest == 1 else 'problems'})." if rest else ".")
+
+
+def _user_path(error: dict, data) -> tuple:
+    """The error's place in the job as written: pydantic's location less its union member names ('list[str]')."""
+    loc = error["loc"][:-1] if error["type"] == "missing" else error["loc"]
+    path, node = [], data
+    for part in loc:
+        if isinstance(node, dict) and part in node or isinstance(node, list) and isinstance(part, int):
+            path.append(part)
+            node = node[part]
+    return tuple(path) + error["loc"][len(loc):]
+
+
+def _expected(path: tuple, kinds: list[str]) -> str:
+    """What a key must be: its own description, else the JSON types pydantic wanted, else its key's description."""
+    model = MODELS.get(path[:-1])
+    if model is not None and path[-1] in model.model_fields:
+        return model.model_fields[path[-1]].description
+    words = list(dict.fromkeys(TYPE_WORDS[kind] for kind in kinds if kind in TYPE_WORDS))
+    if "a number" in words and "a whole number" in words:
+        words.remove("a whole number")
+    if words:
+        return ", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1 else words[0]
+    return Job.model_fields[path[0]].description
+
+
+def _dotted(path: tuple) -> str:
+    """('windows', 'peak') -> windows.peak, ('nm', 0) -> nm[0]; odd keys quoted, so the sentence stays one line."""
+    text = _key(path[0])
+    for part in path[1:]:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}" if part.isidentifier() else f'["{_key(part)}"]'
+    return text
+
+
+def _path(path) -> str:
+    """The path as given, its control characters escaped so that the sentence stays one line."""
+    return "".join(c if c.isprintable() else json.dumps(c)[1:-1] for c in str(path))
+
+
+def _key(key: str) -> str:
+    return json.dumps(key[:40])[1:-1] + ("..." if len(key) > 40 else "")
+
+
+def _shown(value) -> str:
+    """A JSON value in a few words: strings and numbers shown, objects and lists named."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, str):
+        return "the string " + json.dumps(value[:40] + ("..." if len(value) > 40 else ""))
+    if isinstance(value, (int, float)):
+        text = repr(value)
+        return f"the number {text[:20]}" + ("..." if len(text) > 20 else "")
+    if isinstance(value, list):
+        return "a list" if value else "an empty list"
+    return "an object" if value else "an empty object"
+
+
+def settings_from_job(job: Job) -> Settings:
+    """The pipeline's settings from a checked job; a key the job leaves out keeps its default."""
+    windows = job.windows or Windows()
     return Settings(
-        method=job.get("method", "osem"), params=job.get("params") or {},
-        peak_window=windows.get("peak"), lower_window=windows.get("lower"), upper_window=windows.get("upper"),
-        collimator=job.get("collimator"), isotope=job.get("isotope"), photopeaks=job.get("photopeaks"), calibration_cps_per_MBq=job.get("calibration_cps_per_MBq"),
-        device=job.get("device", "auto"), seed=int(job.get("seed", 0)),
-        formats=tuple(job.get("formats") or Settings.formats), name=job.get("name"),
-        detector_binning=job.get("detector_binning", 1), projector=job.get("projector", "fast"))
+        method=job.method, params=dict(job.params),
+        peak_window=windows.peak, lower_window=windows.lower, upper_window=windows.upper,
+        collimator=job.collimator, isotope=job.isotope, photopeaks=tuple(job.photopeaks) if job.photopeaks else None,
+        calibration_cps_per_MBq=job.calibration_cps_per_MBq, device=job.device, seed=job.seed,
+        formats=tuple(job.formats) or Settings.formats, name=job.name,
+        detector_binning=job.detector_binning, projector=job.projector)
 
 
 def run_job(path, stream=None) -> int:
@@ -116,8 +284,8 @@ def run_job(path, stream=None) -> int:
     with contextlib.redirect_stdout(sys.stderr):
         try:
             job = read_job(path)
-            emit({"event": "start", "job": job})
-            result = run(job["nm"], job.get("ct"), settings_from_job(job), job["output_dir"], Events(emit))
+            emit({"event": "start", "job": job.model_dump(exclude_unset=True)})
+            result = run(job.nm, job.ct, settings_from_job(job), job.output_dir, Events(emit))
             emit({"event": "result", **result})
             return 0
         except SSPECTError as error:

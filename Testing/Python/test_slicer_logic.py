@@ -521,7 +521,7 @@ def test_job_file_follows_the_engine_schema(study, logic):
     job, path = logic.build_job(study["projection_node"], study["ct_node"], "osem", {"iterations": 3},
                                 calibration_cps_per_MBq=9.0, device="cpu", windows={"lower": "none"},
                                 projector="pytomography", isotope="177Lu", photopeaks="113, 208")
-    assert set(job) == JOB_KEYS and read_job(path) == job and job["projector"] == "pytomography"
+    assert set(job) == JOB_KEYS and read_job(path).model_dump() == job and job["projector"] == "pytomography"
     assert job["isotope"] == "177Lu" and job["photopeaks"] == [113.0, 208.0]
     assert job["nm"] == [str(study["nm"])] and job["ct"] == [str(p) for p in study["ct_files"]]
     assert job["formats"] == ["nrrd"] and job["windows"] == {"peak": None, "lower": "none", "upper": None}

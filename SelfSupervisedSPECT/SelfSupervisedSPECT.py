@@ -966,11 +966,11 @@ class SelfSupervisedSPECTTest(ScriptedLoadableModuleTest):
         completed = subprocess.run(command, cwd=os.path.dirname(os.path.abspath(__file__)), env=environment,
                                    capture_output=True, text=True, timeout=600)
         self.assertEqual(completed.returncode, 0, f"sspect demo failed: {completed.stderr[-2000:]}")
-        with open(os.path.join(folder, "demo_osem_provenance.json")) as stream:
+        with open(os.path.join(folder, "demo_osem", "demo_osem_provenance.json")) as stream:
             provenance = json.load(stream)
         calibration = _findKey(provenance, "calibration_cps_per_MBq")
         self.assertIsNotNone(calibration, "the demo's provenance has no calibration")
-        image = (provenance.get("files") or {}).get("nrrd") or os.path.join(folder, "demo_osem.nrrd")
+        image = provenance["files"]["nrrd"]
         return {"calibration": float(calibration), "image": image}
 
     @staticmethod

@@ -228,7 +228,8 @@ class SelfSupervisedSPECTLogicBase:
                "windows": {key: windows.get(key) for key in WINDOW_KEYS},
                "collimator": collimator, "calibration_cps_per_MBq": calibration_cps_per_MBq,
                "device": device, "seed": int(seed), "detector_binning": int(detector_binning),
-               "projector": projector, "isotope": isotope, "photopeaks": photopeaks, "formats": ["nrrd"], "name": None}
+               "projector": projector, "isotope": isotope, "photopeaks": photopeaks, "formats": ["nrrd"], "name": None,
+               "overwrite": False}  # each run has its own folder
         job_path = folder / "job.json"
         partial = folder / "job.json.partial"
         partial.write_text(json.dumps(job, indent=2))

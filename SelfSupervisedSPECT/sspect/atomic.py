@@ -15,7 +15,7 @@ import os
 import secrets
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,24 +119,27 @@ class ResultSet:
 
 @contextmanager
 def result_set(out_dir: str | os.PathLike, name: str, *, numbered: bool, overwrite: bool) -> Iterator[ResultSet]:
-    """Claim ``out_dir/name`` and yield a temporary folder that replaces it in one rename on success.
+    """Yield a temporary folder that becomes ``out_dir/name`` in one rename once the body succeeds.
 
-    The claim is an empty folder made with mkdir, which only one process can do, so two runs into
-    one output folder never share a result. ``numbered`` (a default name): a taken name becomes
-    ``name_2``, ``name_3`` ... . Otherwise a taken name is refused unless ``overwrite``; then the
-    old set is removed only once the new one is complete. On failure the claim is given back and
-    nothing visible changes.
+    ``numbered`` (a default name): a taken name becomes ``name_2``, ``name_3`` ...; the name is
+    claimed by a hidden ``.name.claim`` folder, which only one process can make, so two runs into
+    one output folder never pick the same name. Otherwise a taken name is refused unless
+    ``overwrite``; then the old set is removed only once the new one is complete. A rename never
+    lands on a folder holding files, so a concurrent run's set is never mixed with ours. On
+    failure nothing visible changes.
     """
     out = Path(out_dir)
-    claimed = None
+    claim = None
     if numbered:
         for number in itertools.count(1):
             candidate = name if number == 1 else f"{name}_{number}"
+            if (out / candidate).exists():
+                continue
             try:
-                (out / candidate).mkdir()
+                (out / f".{candidate}.claim").mkdir()
             except FileExistsError:
                 continue
-            claimed = out / candidate
+            claim = out / f".{candidate}.claim"
             break
     else:
         candidate = name
@@ -145,18 +148,13 @@ def result_set(out_dir: str | os.PathLike, name: str, *, numbered: bool, overwri
             raise SSPECTError(f"A file named {name} is in the way of the result folder in {out}; move it or choose another name.")
         if _is_non_empty_directory(final) and not overwrite:
             raise SSPECTError(f"A result named {name} already exists in {out}; choose another name, or allow overwriting (--overwrite, or \"overwrite\": true in a job file).")
-        with suppress(FileExistsError):
-            final.mkdir()
-            claimed = final
     final = out / candidate
-    succeeded = False
     try:
         with atomic_directory(final, overwrite=overwrite) as temporary:
             yield ResultSet(candidate, final, temporary)
-        succeeded = True
     finally:
-        if claimed is not None and not succeeded and claimed.is_dir() and not _is_non_empty_directory(claimed):
-            claimed.rmdir()
+        if claim is not None:
+            claim.rmdir()
 
 
 def write_text_atomic(path: str | os.PathLike, text: str, *, encoding: str = "utf-8") -> Path:

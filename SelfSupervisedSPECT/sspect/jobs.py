@@ -11,7 +11,9 @@ Job file (JSON)::
      "collimator": null, "calibration_cps_per_MBq": null,
      "isotope": null,                        # optional: "177Lu", "99mTc", "111In", "131I"; null: from the file
      "photopeaks": null,                     # optional: keV list such as [113, 208]; null: the isotope's default
-     "device": "auto", "seed": 0, "formats": ["nrrd", "dicom"], "name": null,
+     "device": "auto", "seed": 0, "formats": ["nrrd", "dicom"],
+     "name": null,                           # the result folder's name; null: from the method, numbered when taken
+     "overwrite": false,                     # true: a given name that is taken is replaced (else refused)
      "detector_binning": 1,                  # optional: 2 sums 2x2 detector pixels (one bed)
      "projector": "fast"}                    # optional: "pytomography" for PyTomography's own (reference) model
 
@@ -30,7 +32,9 @@ Events, one JSON object per line on stdout, nothing else on stdout::
     {"event": "result", "files": {...}, "unit": "Bq/mL", "provenance": {...}}
     {"event": "error", "message": "one sentence"}
 
-Result files are written atomically, so a killed job leaves no half-written file.
+The result is one folder, ``output_dir/<name>/``, renamed into place once complete, so a
+killed job leaves the old complete result or the new one. Exit codes: 0 done, 2 refused (one
+sentence), 3 an engine bug, 130 cancelled, 143 stopped by SIGTERM.
 """
 from __future__ import annotations
 
@@ -43,7 +47,7 @@ from typing import Annotated, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import SSPECTError
+from .errors import TERMINATED_EXIT_CODE, SSPECTError, Terminated
 from .methods import Cancelled, Events
 from .pipeline import Settings, run
 
@@ -94,6 +98,7 @@ class Job(BaseModel):
     name: Optional[str] = Field(None, description="a file name for the results or null")
     detector_binning: int = Field(1, description="a whole number such as 1 or 2")
     projector: str = Field("fast", description='"fast" or "pytomography"')
+    overwrite: bool = Field(False, description="true or false")
 
 
 JOB_KEYS = frozenset(Job.model_fields)
@@ -269,7 +274,7 @@ def settings_from_job(job: Job) -> Settings:
         collimator=job.collimator, isotope=job.isotope, photopeaks=tuple(job.photopeaks) if job.photopeaks else None,
         calibration_cps_per_MBq=job.calibration_cps_per_MBq, device=job.device, seed=job.seed,
         formats=tuple(job.formats) or Settings.formats, name=job.name,
-        detector_binning=job.detector_binning, projector=job.projector)
+        detector_binning=job.detector_binning, projector=job.projector, overwrite=job.overwrite)
 
 
 def run_job(path, stream=None) -> int:
@@ -291,6 +296,9 @@ def run_job(path, stream=None) -> int:
         except SSPECTError as error:
             emit({"event": "error", "message": str(error)})
             return 2
+        except Terminated:
+            emit({"event": "error", "message": "The job was stopped by SIGTERM; result files already complete were kept and none was left half-written."})
+            return TERMINATED_EXIT_CODE
         except (KeyboardInterrupt, Cancelled):
             emit({"event": "error", "message": "The job was cancelled; result files already complete were kept and none was left half-written."})
             return 130

@@ -100,7 +100,7 @@ def test_zero_counts(capsys, tmp_path, small_study):
     def empty(ds):
         ds.PixelData = np.zeros_like(ds.pixel_array).tobytes()
     nm = _modified_nm(small_study, tmp_path, empty)
-    _assert_one_sentence(*_reconstruct(capsys, tmp_path, nm, small_study["ct"]), "zero counts")
+    _assert_one_sentence(*_reconstruct(capsys, tmp_path, nm, small_study["ct"]), "holds no counts")
 
 
 def test_unknown_rotation_direction(capsys, tmp_path, small_study):

@@ -329,7 +329,7 @@ def test_nrrd_failure_keeps_the_previous_file(tmp_path, monkeypatch):
         raise RuntimeError("killed mid-write")
 
     monkeypatch.setattr(sitk.ImageFileWriter, "Execute", fail)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(SSPECTError, match="killed mid-write"):
         write_nrrd(ramp_volume(unit="counts"), target)
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["recon.nrrd"]

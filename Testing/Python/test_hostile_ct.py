@@ -51,8 +51,8 @@ def _assert_warned(capsys, tmp_path, nm, ct, phrases, *extra):
     """Exit 0, a finite image, and each phrase in a warning of the provenance and of stderr."""
     code, stderr = _reconstruct(capsys, tmp_path, nm, ct, *extra)
     assert code == 0 and "Traceback" not in stderr and "sspect: " not in stderr, stderr
-    provenance = json.loads(next((tmp_path / "out").glob("*_provenance.json")).read_text())
-    image = read_image(next((tmp_path / "out").glob("*.nrrd")))
+    provenance = json.loads(next((tmp_path / "out").glob("*/*_provenance.json")).read_text())
+    image = read_image(next((tmp_path / "out").glob("*/*.nrrd")))
     assert np.all(np.isfinite(image.array)) and image.array.max() > 0
     printed = "\n".join(line for line in stderr.splitlines() if line.startswith("warning: "))
     for phrase in phrases:

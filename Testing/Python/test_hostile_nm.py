@@ -319,7 +319,7 @@ TEXT_VALUES = st.one_of(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(changes=st.lists(st.tuples(st.sampled_from(range(len(HEADER_FIELDS))), TEXT_VALUES), min_size=1, max_size=3))
 def test_random_header_succeeds_finite_or_refused_in_one_sentence(capsys, tmp_path, small_study, changes):
     """Whatever a header holds, the run ends in a finite image or in one sentence with exit 2."""

@@ -134,15 +134,15 @@ def test_sspect_reconstruct_exports_the_studys_own_radionuclide(other_isotope_st
                                str(written["ct"]), "--method", method, *params, "--device", "cpu", "--calibration",
                                "9", "--out", str(tmp_path)], capture_output=True, text=True, env=environment)
     assert finished.returncode == 0, finished.stderr[-2000:]
-    provenance = json.loads(next(tmp_path.glob("*_provenance.json")).read_text())
+    provenance = json.loads(next(tmp_path.glob("*/*_provenance.json")).read_text())
     assert provenance["isotope"]["name"] == isotope.name
     assert [w["photopeak_keV"] for w in provenance["windows"]] == [isotope.default_photopeaks[0].energy_keV]
     assert provenance["collimator_code"] == written["collimator"] and provenance["unit"] == "Bq/mL"
-    exported = pydicom.dcmread(sorted(next(tmp_path.glob("*_dicom")).glob("*.dcm"))[0])
+    exported = pydicom.dcmread(sorted(next(tmp_path.glob("*/*_dicom")).glob("*.dcm"))[0])
     drug = exported.RadiopharmaceuticalInformationSequence[0]
     assert drug.RadionuclideCodeSequence[0].CodeValue == isotope.code_value
     assert float(drug.RadionuclideHalfLife) == pytest.approx(isotope.half_life_s, rel=1e-6)
-    image = read_dicom_series(next(tmp_path.glob("*_dicom")))
+    image = read_dicom_series(next(tmp_path.glob("*/*_dicom")))
     assert np.isfinite(image.array).all() and image.array.sum() > 0
 
 

@@ -125,7 +125,7 @@ def test_result_files_exist_and_provenance_matches_the_job(good_run, small_study
     assert {"nrrd", "dicom", "provenance", "preview", "report"} <= set(files)
     for kind, path in files.items():
         assert Path(path).exists(), kind
-        assert Path(path).parent == Path(job["output_dir"])
+        assert Path(path).parent.parent == Path(job["output_dir"])  # one folder per result
     assert result["unit"] == "Bq/mL"
     provenance = result["provenance"]
     assert provenance["method"] == job["method"]
@@ -226,41 +226,44 @@ def test_bad_job_values_are_one_error(small_study, tmp_path, changes, words):
 
 
 def _complete_or_absent(out_dir: Path) -> list[str]:
-    """Check every visible entry of the output folder is a complete result file; returns their names."""
+    """Check every visible entry of the output folder is a complete result set; returns the names of its files."""
     if not out_dir.exists():
         return []
     seen = []
-    for entry in sorted(out_dir.iterdir()):
-        if entry.name.startswith("."):
-            continue  # hidden partial files are allowed (a SIGKILL cannot clean up)
-        seen.append(entry.name)
-        if entry.is_dir():
-            assert entry.name.endswith("_dicom"), entry
-            slices = sorted(p for p in entry.iterdir())
-            assert len(slices) == 32 and all(p.name.startswith("slice_") for p in slices), [p.name for p in slices]
-            assert read_dicom_series(entry).array.shape == (32, 32, 32)
-        elif entry.name.endswith((".nrrd", ".nii.gz")):
-            image = read_image(entry)
-            assert image.array.shape == (32, 32, 32) and np.all(np.isfinite(image.array))
-        elif entry.suffix == ".json":
-            assert json.loads(entry.read_text())["method"] == "osem"
-        elif entry.suffix == ".png":
-            data = entry.read_bytes()
-            assert data.startswith(b"\x89PNG\r\n\x1a\n") and data[-12:-4] == b"\x00\x00\x00\x00IEND", entry
-        elif entry.suffix == ".md":
-            text = entry.read_text()
-            assert text.startswith("# Reconstruction report") and text.endswith("\n"), entry
-        else:
-            pytest.fail(f"unexpected result file {entry.name}")
+    for result in sorted(out_dir.iterdir()):
+        if result.name.startswith("."):
+            continue  # hidden partial sets are allowed (a SIGKILL cannot clean up)
+        assert result.is_dir(), result
+        names = sorted(p.name for p in result.iterdir())
+        assert names == sorted(f"{result.name}{suffix}" for suffix in
+                               (".nrrd", ".nii.gz", "_dicom", "_preview.png", "_provenance.json", "_report.md")), names
+        for entry in sorted(result.iterdir()):
+            seen.append(entry.name)
+            if entry.is_dir():
+                slices = sorted(p for p in entry.iterdir())
+                assert len(slices) == 32 and all(p.name.startswith("slice_") for p in slices), [p.name for p in slices]
+                assert read_dicom_series(entry).array.shape == (32, 32, 32)
+            elif entry.name.endswith((".nrrd", ".nii.gz")):
+                image = read_image(entry)
+                assert image.array.shape == (32, 32, 32) and np.all(np.isfinite(image.array))
+            elif entry.suffix == ".json":
+                assert json.loads(entry.read_text())["method"] == "osem"
+            elif entry.suffix == ".png":
+                data = entry.read_bytes()
+                assert data.startswith(b"\x89PNG\r\n\x1a\n") and data[-12:-4] == b"\x00\x00\x00\x00IEND", entry
+            else:
+                text = entry.read_text()
+                assert text.startswith("# Reconstruction report") and text.endswith("\n"), entry
     return seen
 
 
 def _wait_for_partial(out_dir: Path, marker: str, process, timeout_s=60.0) -> bool:
-    """Poll the output folder until a hidden partial entry for ``marker`` appears; False if none did."""
+    """Poll the output folder until a hidden partial entry for ``marker`` appears in the partial set; False if none did."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and process.poll() is None:
-        if out_dir.exists() and any(n.startswith(".") and marker in n and ".partial-" in n for n in os.listdir(out_dir)):
-            return True
+        for folder, folders, names in os.walk(out_dir):
+            if ".partial-" in folder and any(n.startswith(".") and marker in n and ".partial-" in n for n in folders + names):
+                return True
         time.sleep(0.0005)
     return False
 

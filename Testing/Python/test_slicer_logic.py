@@ -461,7 +461,7 @@ def test_cancel_kills_the_whole_process_tree(study, slicer_scene, tmp_path):
 
     assert all(gone(p) for p in tree), [(p.pid, p.status()) for p in tree if not gone(p)]
     assert run.state == "cancelled" and run.poll() == [] and run.state == "cancelled"
-    assert not list(Path(run.job_path).parent.glob("*.nrrd"))  # nothing half-written
+    assert not list(Path(run.job_path).parent.rglob("*.nrrd"))  # nothing half-written
     assert _node_ids(slicer_scene) == before
     with pytest.raises(DoorError) as refused:
         logic.load_result(run, study["ct_node"])

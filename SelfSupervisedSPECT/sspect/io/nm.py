@@ -259,6 +259,8 @@ def read_projections(path: str) -> ProjectionStudy:
 # a lowercase direction mirrors the orbit, a wrong step or frame count gives wrong angles, and a
 # missing tag ends in an AttributeError deep inside it.
 
+PIXEL_MM_RANGE = (0.5, 30.0)  # what gamma cameras record; beyond it the collimator model is meaningless
+MAX_RADIUS_MM = 1000.0  # beyond any gantry
 HOT_PIXEL_RATIO = 10.0  # a detector element this many times its neighbours' median over all views
 HOT_PIXEL_MIN_EXCESS = 100.0  # summed counts above the median, so that empty regions do not count
 
@@ -329,14 +331,15 @@ def check_orbit(ds: pydicom.Dataset, path: str) -> None:
         values = _values(radii, "RadialPosition", f"radial position of detector {number + 1}", path)
         if len(values) not in (1, views):
             raise SSPECTError(f"{path} gives {len(values)} radial positions of detector {number + 1} for {views} views; correct the Radial Position tag or export the projections again.")
-        if min(values) <= 0:
-            raise SSPECTError(f"{path} gives a radial position of {min(values):g} mm for detector {number + 1}; the detector must be at a positive distance from the axis, so correct the header.")
+        if min(values) <= 0 or max(values) > MAX_RADIUS_MM:
+            wrong = min(values) if min(values) <= 0 else max(values)
+            raise SSPECTError(f"{path} gives a radial position of {wrong:g} mm for detector {number + 1}; a detector is more than 0 and at most {MAX_RADIUS_MM:g} mm from the axis, so correct the header.")
     _values(detectors[0], "ImagePositionPatient", "detector's image position (patient)", path, count=3)
     if rotation.get("TableHeight") not in (None, ""):
         _values(rotation, "TableHeight", "table height", path, count=1)
     spacing = _values(ds, "PixelSpacing", "pixel spacing", path, count=2)
-    if min(spacing) <= 0:
-        raise SSPECTError(f"{path} gives a pixel spacing of {spacing[0]:g} x {spacing[1]:g} mm; it must be positive, so correct the Pixel Spacing tag.")
+    if not all(PIXEL_MM_RANGE[0] <= v <= PIXEL_MM_RANGE[1] for v in spacing):
+        raise SSPECTError(f"{path} gives a pixel spacing of {spacing[0]:g} x {spacing[1]:g} mm, outside the {PIXEL_MM_RANGE[0]:g} to {PIXEL_MM_RANGE[1]:g} mm gamma cameras record; correct the Pixel Spacing tag.")
     duration = _values(rotation, "ActualFrameDuration", "frame duration (Actual Frame Duration)", path, count=1)[0]
     if duration <= 0:
         raise SSPECTError(f"{path} gives a frame duration of {duration:g} ms; quantification needs a positive one, so correct the Actual Frame Duration tag.")

@@ -7,6 +7,7 @@ DEW; none gives no scatter correction, with a warning.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from ..errors import SSPECTError
@@ -48,7 +49,7 @@ def resolve_window(windows: list[EnergyWindow], spec, role: str) -> EnergyWindow
     """A window from an index (int or digits) or a 'low-high' keV range."""
     listing = "; ".join(w.describe() for w in windows)
     text = str(spec).strip()
-    if text.lstrip("-").isdigit():
+    if re.fullmatch(r"-?[0-9]+", text):
         index = int(text)
         if not 0 <= index < len(windows):
             raise SSPECTError(f"There is no {role} window #{index}; this study has {listing}.")

@@ -68,7 +68,7 @@ class Param:
     def validate(self, value):
         try:
             value = self._coerce(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise SSPECTError(f"The parameter {self.name} must be {KIND_WORDS[self.kind]}, not '{value}'.") from None
         if self.minimum is not None and value < self.minimum or self.maximum is not None and value > self.maximum:
             raise SSPECTError(f"The parameter {self.name} = {value} is outside {self.minimum}..{self.maximum}; {self.help.lower()}.")

@@ -33,7 +33,13 @@ def resolve_device(name: str = "auto"):
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise SSPECTError("A GPU was asked for but PyTorch sees none; choose the device 'cpu' or 'auto'.")
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise SSPECTError(f"Unknown device '{name}'; choose auto, cpu, cuda or cuda:N (N a GPU number).") from None
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SSPECTError(f"There is no GPU {device.index}; this computer has {torch.cuda.device_count()}, so choose cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
+        return device
     raise SSPECTError(f"Unknown device '{name}'; choose auto, cpu or cuda.")
 
 

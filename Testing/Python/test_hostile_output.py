@@ -231,3 +231,20 @@ def test_killed_while_writing_over_an_old_set_leaves_one_whole_set(small_study, 
     assert iterations in (old, 3)
     if iterations == old:
         assert "liver_dicom" in names and len(list((out / "liver" / "liver_dicom").iterdir())) == 32
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MB file system (tmpfs), where the machine lets us mount one."""
+    mount_point = tmp_path / "small_disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root in a machine that allows mounts")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_disk_without_room_is_refused_before_reconstructing(capsys, small_study, small_disk):
+    _assert_refused(*_reconstruct(capsys, small_study, small_disk / "out"), ["MB free", "free space"])
+    assert _visible(small_disk / "out") == [] and _hidden(small_disk / "out") == []

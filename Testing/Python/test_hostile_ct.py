@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
@@ -255,3 +256,42 @@ def test_real_ct_beside_its_air_copy_is_reconstructed_with_a_warning(capsys, tmp
     # binned 4x4 on the detector: the CT is read and resampled in full, the reconstruction is quick
     _assert_warned(capsys, tmp_path, real_study["nm"], ct, ("2 CT series were given", "'air copy' (303 slices, 1.2.3.4) holds only air"),
                    "--binning", "4")
+
+
+# ------------------------------------------------------------------------- random headers
+
+RANDOM_KEYWORDS = ["ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "RescaleIntercept", "RescaleSlope",
+                   "Rows", "Columns", "KVP", "FrameOfReferenceUID", "SeriesInstanceUID", "ImageType", "SliceThickness"]
+RAW_TEXT = st.one_of(
+    st.sampled_from(["", "0", "-1", "nan", "inf", "1e400", "abc", "0\\0\\0", "1\\0\\0\\0\\1\\0", "1\\0\\0\\0\\0\\0",
+                     "-1024", "1\\1", "0.5\\0.5", "1.2.3", "ORIGINAL\\PRIMARY\\AXIAL"]),
+    st.lists(st.floats(-1e4, 1e4, allow_nan=False).map(lambda v: f"{v:.4g}"), min_size=1, max_size=7).map("\\".join),
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(changes=st.lists(st.tuples(st.sampled_from(RANDOM_KEYWORDS), st.one_of(st.none(), RAW_TEXT),
+                                  st.one_of(st.none(), st.integers(0, 31))), min_size=1, max_size=3))
+def test_random_ct_header_succeeds_finite_or_refused_in_one_sentence(capsys, tmp_path_factory, small_study, changes):
+    """Whatever the slices' headers hold (on one slice or all), the run ends in a finite image or in one sentence."""
+    folder = tmp_path_factory.mktemp("random_ct")
+
+    def mutate(slices):
+        for keyword, text, index in changes:
+            for ds in slices if index is None else [slices[index]]:
+                if text is None:
+                    if keyword in ds:
+                        delattr(ds, keyword)
+                else:
+                    put(keyword, text)(ds)
+        return slices
+
+    ct = _write_copy(small_study["ct_files"], folder / "ct", mutate)
+    code, stderr = _run(capsys, "reconstruct", "--nm", small_study["nm"], "--ct", ct, "--out", folder / "out",
+                        "--iterations", "1", "--subsets", "2", "--formats", "nrrd")
+    assert "Traceback" not in stderr
+    if code == 0:
+        image = read_image(next((folder / "out").glob("*/*.nrrd")))
+        assert np.all(np.isfinite(image.array)) and image.array.min() >= 0
+    else:
+        _assert_one_sentence(code, stderr)

@@ -114,6 +114,22 @@ def test_given_name_taken_is_refused_and_the_old_set_kept(capsys, tmp_path, smal
     assert _hidden(out) == []
 
 
+def test_file_in_the_way_of_a_given_name_is_refused(capsys, tmp_path, small_study):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "liver").write_text("notes\n")
+    _assert_refused(*_reconstruct(capsys, small_study, out, "--name", "liver"), ["in the way"])
+    assert (out / "liver").read_text() == "notes\n" and _hidden(out) == []
+
+
+def test_file_in_the_way_of_a_default_name_is_passed_by(capsys, tmp_path, small_study):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "osem_1it_2ss").write_text("notes\n")
+    assert _reconstruct(capsys, small_study, out)[0] == 0
+    assert _visible(out) == ["osem_1it_2ss", "osem_1it_2ss_2"] and (out / "osem_1it_2ss").read_text() == "notes\n"
+
+
 def test_overwrite_replaces_the_whole_set(capsys, tmp_path, small_study):
     out = tmp_path / "out"
     assert _reconstruct(capsys, small_study, out, "--name", "liver", "--formats", "nrrd,nifti")[0] == 0
@@ -183,6 +199,28 @@ def test_sigterm_while_writing_leaves_no_partial_set(small_study, tmp_path):
     assert process.returncode in (0, 143), stderr  # 0: the set was complete before the signal came
     assert _hidden(out) == []
     assert _visible(out) == (["osem_1it_2ss"] if process.returncode == 0 else [])
+
+
+def test_sigterm_ends_a_job_with_one_error_event(small_study, tmp_path):
+    out = tmp_path / "out"
+    job = {"version": 1, "nm": [str(small_study["nm"])], "output_dir": str(out), "method": "osem",
+           "params": {"iterations": 200, "subsets": 2}, "projector": "pytomography", "formats": ["nrrd"]}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    process = subprocess.Popen([sys.executable, "-m", "sspect", "run-job", str(tmp_path / "job.json")], env=_child_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    events = []
+    for line in process.stdout:
+        events.append(json.loads(line))
+        if events[-1]["event"] == "progress":
+            process.send_signal(signal.SIGTERM)
+            break
+    events += [json.loads(line) for line in process.stdout]
+    process.wait(timeout=60)
+    process.stdout.close()
+    assert process.returncode == 143
+    errors = [e for e in events if e["event"] == "error"]
+    assert len(errors) == 1 and events[-1] is errors[0] and "SIGTERM" in errors[0]["message"]
+    assert _visible(out) == [] and _hidden(out) == []
 
 
 def _limit_file_size():

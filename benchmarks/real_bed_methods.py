@@ -41,7 +41,7 @@ def run_one(spec: str, binning: int, out: Path) -> dict:
     (name, params), = parse_methods(spec)
     label = spec.replace(":", " ")
     settings = Settings(method=name, params=params, device="cpu", formats=("nrrd",), detector_binning=binning,
-                        name=label.replace(" ", "_").replace("=", "-"))
+                        name=label.replace(" ", "_").replace("=", "-"), overwrite=True)
     started = time.perf_counter()
     result = run(str(STUDY / "NM" / "bed1_projections.dcm"), str(STUDY / "CT"), settings, out / "images")
     seconds = time.perf_counter() - started

@@ -4,7 +4,8 @@ The pixel layout and the angle convention come from PyTomography's
 ``parse_projection_dataset`` so the engine and a direct PyTomography reconstruction see the same
 data. We read the file once with pydicom and validate it first, because PyTomography's readers
 fail with tracebacks (or silently) on inputs users do hand us: de-identified files without
-Manufacturer, planar or CT files, unknown rotation directions.
+Manufacturer, planar or CT files, unknown or lowercase rotation directions, orbits whose step,
+views and arc disagree, frame counts that disagree with the pixel data, signed or float pixels.
 """
 from __future__ import annotations
 
@@ -218,13 +219,13 @@ def read_projections(path: str) -> ProjectionStudy:
         ds.Manufacturer = ""
         warnings.append("The file has no Manufacturer; the GE/Siemens geometry conventions were assumed.")
     check_orbit(ds, path)
+    windows = _energy_windows(ds, path)
     check_frames(ds, path)
     projections, angles, radii, _ = parse_projection_dataset(ds)
     projections = projections[:, 0].cpu().numpy()  # first (only) time slot
-    windows = _energy_windows(ds, path)
     if projections.shape[0] != len(windows):
         raise SSPECTError(f"{path} declares {len(windows)} energy windows but holds frames for {projections.shape[0]}; export the projections again.")
-    if not np.all(np.isfinite(radii)) or np.any(radii <= 0) or len(radii) != len(angles):
+    if not np.all(np.isfinite(radii)) or np.any(radii <= 0) or len(radii) != len(angles):  # after GE Xeleris's private offsets
         raise SSPECTError(f"{path} gives radial positions that are not one positive distance per view; correct the Radial Position tags or export the projections again.")
     warnings += _orbit_warnings(np.asarray(angles, dtype=float), float(ds.RotationInformationSequence[0].AngularStep))
     warnings += _hot_pixel_warnings(projections, windows)

@@ -7,24 +7,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from sspect.cli import main
+from cli_outcomes import assert_refused, run_cli
 
-
-def _run(capsys, *argv):
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.err.strip()
-
-
-def _assert_one_sentence(code, stderr, *words):
-    """Exit code 2; stderr ends with one 'sspect: ...' line (warnings may come before it)."""
-    assert code == 2
-    assert "Traceback" not in stderr
-    errors = [line for line in stderr.splitlines() if line.startswith("sspect: ")]
-    assert len(errors) == 1 and stderr.splitlines()[-1] == errors[0], stderr
-    message = errors[0]
-    for word in words:
-        assert word.lower() in message.lower(), message
 
 
 def _modified_nm(small_study, tmp_path, change):
@@ -39,32 +23,32 @@ def _reconstruct(capsys, tmp_path, nm, ct=None, *extra):
     args = ["reconstruct", "--nm", str(nm), "--out", str(tmp_path / "out"), "--iterations", "1", "--subsets", "2", *extra]
     if ct is not None:
         args += ["--ct", str(ct)]
-    return _run(capsys, *args)
+    return run_cli(capsys, *args)
 
 
 def test_ct_slice_given_as_projections(capsys, tmp_path, small_study):
-    _assert_one_sentence(*_reconstruct(capsys, tmp_path, small_study["ct_files"][0]), "CT image", "not SPECT projections")
+    assert_refused(*_reconstruct(capsys, tmp_path, small_study["ct_files"][0]), "CT image", "not SPECT projections")
 
 
 def test_planar_nm_given_as_projections(capsys, tmp_path, small_study):
     def make_static(ds):
         ds.ImageType = ["ORIGINAL", "PRIMARY", "STATIC", "EMISSION"]
     nm = _modified_nm(small_study, tmp_path, make_static)
-    _assert_one_sentence(*_reconstruct(capsys, tmp_path, nm), "static", "not a tomographic")
+    assert_refused(*_reconstruct(capsys, tmp_path, nm), "static", "not a tomographic")
 
 
 def test_file_that_is_not_dicom(capsys, tmp_path):
     text = tmp_path / "notes.dcm"
     text.write_text("these are not projections\n")
-    _assert_one_sentence(*_run(capsys, "info", str(text)), "not a readable DICOM file")
+    assert_refused(*run_cli(capsys, "info", str(text)), "not a readable DICOM file")
 
 
 def test_truncated_file(capsys, tmp_path, small_study):
     data = open(small_study["nm"], "rb").read()
     cut = tmp_path / "cut.dcm"
     cut.write_bytes(data[: len(data) * 2 // 3])
-    code, message = _run(capsys, "info", str(cut))
-    _assert_one_sentence(code, message)
+    code, message = run_cli(capsys, "info", str(cut))
+    assert_refused(code, message)
     assert "truncated" in message or "not a readable DICOM" in message
 
 
@@ -74,7 +58,7 @@ def test_no_window_near_208_keV(capsys, tmp_path, small_study):
             item.EnergyWindowRangeSequence[0].EnergyWindowLowerLimit = 100 + 20 * number
             item.EnergyWindowRangeSequence[0].EnergyWindowUpperLimit = 115 + 20 * number
     nm = _modified_nm(small_study, tmp_path, shift_windows)
-    _assert_one_sentence(*_run(capsys, "info", nm), "208 keV", "choose the photopeak window")
+    assert_refused(*run_cli(capsys, "info", nm), "208 keV", "choose the photopeak window")
 
 
 def test_ct_from_another_frame_of_reference(capsys, tmp_path, small_study):
@@ -84,7 +68,7 @@ def test_ct_from_another_frame_of_reference(capsys, tmp_path, small_study):
         ds = pydicom.dcmread(file)
         ds.FrameOfReferenceUID = "1.2.3.4.5"
         ds.save_as(other / file.name)
-    _assert_one_sentence(*_reconstruct(capsys, tmp_path, small_study["nm"], other), "another Frame of Reference")
+    assert_refused(*_reconstruct(capsys, tmp_path, small_study["nm"], other), "another Frame of Reference")
 
 
 def test_ct_not_covering_the_field_of_view(capsys, tmp_path, small_study):
@@ -93,20 +77,20 @@ def test_ct_not_covering_the_field_of_view(capsys, tmp_path, small_study):
     files = sorted(small_study["ct_files"], key=lambda f: float(pydicom.dcmread(f).ImagePositionPatient[2]))
     for file in files[:8]:
         shutil.copy(file, short / file.name)
-    _assert_one_sentence(*_reconstruct(capsys, tmp_path, small_study["nm"], short), "covers only", "field of view")
+    assert_refused(*_reconstruct(capsys, tmp_path, small_study["nm"], short), "covers only", "field of view")
 
 
 def test_zero_counts(capsys, tmp_path, small_study):
     def empty(ds):
         ds.PixelData = np.zeros_like(ds.pixel_array).tobytes()
     nm = _modified_nm(small_study, tmp_path, empty)
-    _assert_one_sentence(*_reconstruct(capsys, tmp_path, nm, small_study["ct"]), "holds no counts")
+    assert_refused(*_reconstruct(capsys, tmp_path, nm, small_study["ct"]), "holds no counts")
 
 
 def test_unknown_rotation_direction(capsys, tmp_path, small_study):
     def bogus(ds):
         ds.RotationInformationSequence[0].RotationDirection = "XX"
-    _assert_one_sentence(*_run(capsys, "info", _modified_nm(small_study, tmp_path, bogus)), "rotation direction")
+    assert_refused(*run_cli(capsys, "info", _modified_nm(small_study, tmp_path, bogus)), "rotation direction")
 
 
 @pytest.mark.parametrize("extra,words", [
@@ -119,12 +103,12 @@ def test_unknown_rotation_direction(capsys, tmp_path, small_study):
     (("--projector", "magic"), ("Unknown projector 'magic'", "fast or pytomography")),
 ])
 def test_bad_settings(capsys, tmp_path, small_study, extra, words):
-    _assert_one_sentence(*_reconstruct(capsys, tmp_path, small_study["nm"], None, *extra), *words)
+    assert_refused(*_reconstruct(capsys, tmp_path, small_study["nm"], None, *extra), *words)
 
 
 def test_too_many_subsets(capsys, tmp_path, small_study):
     args = ["reconstruct", "--nm", str(small_study["nm"]), "--out", str(tmp_path / "out"), "--subsets", "50"]
-    _assert_one_sentence(*_run(capsys, *args), "more than the 24 views")
+    assert_refused(*run_cli(capsys, *args), "more than the 24 views")
 
 
 def test_command_line_process_exit_code_and_message(tmp_path):

@@ -161,8 +161,6 @@ def test_short_labels_name_what_differs_between_methods():
 
 def test_pretrain_command_trains_on_simulated_scans_and_records_them(tmp_path):
     """`sspect pretrain`'s work: harness scans (no truth) -> a DL-BPF network whose header names its data."""
-    import json
-
     from sspect.training.dl_bpf import pretrain_dl_bpf
     from sspect.eval.harness import training_problems
 

@@ -18,34 +18,18 @@ from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 from pydicom.uid import generate_uid
 
-from sspect.cli import main
+from cli_outcomes import assert_refused, run_cli
 from sspect.io.volume_files import read_image
 
 AIR_STORED = 24  # the stored value of -1000 HU in both CTs (Rescale Intercept -1024, Rescale Slope 1)
 SMALL_UID = "1.2.3.4"  # sorts before any UID pydicom or a scanner makes ("1.2.8..."), so it wins the last tie-break
 
 
-def _run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.err.strip()
-
-
-def _assert_one_sentence(code, stderr, *words):
-    """Exit code 2; stderr ends with one 'sspect: ...' line (warnings may come before it)."""
-    assert code == 2, stderr
-    assert "Traceback" not in stderr
-    errors = [line for line in stderr.splitlines() if line.startswith("sspect: ")]
-    assert len(errors) == 1 and stderr.splitlines()[-1] == errors[0], stderr
-    message = errors[0]
-    for word in words:
-        assert word.lower() in message.lower(), message
-
 
 def _reconstruct(capsys, tmp_path, nm, ct, *extra):
     args = ["reconstruct", "--nm", nm, "--ct", ct, "--out", tmp_path / "out", "--iterations", "1", "--subsets", "2",
             "--formats", "nrrd", *extra]
-    return _run(capsys, *args)
+    return run_cli(capsys, *args)
 
 
 def _assert_warned(capsys, tmp_path, nm, ct, phrases, *extra):
@@ -197,7 +181,7 @@ REFUSED = [
 @pytest.mark.parametrize("mutate,words", REFUSED)
 def test_hostile_ct_is_refused_in_one_sentence(capsys, tmp_path, small_study, mutate, words):
     ct = _write_copy(small_study["ct_files"], tmp_path / "ct", mutate)
-    _assert_one_sentence(*_run(capsys, "info", small_study["nm"], "--ct", ct), *words)
+    assert_refused(*run_cli(capsys, "info", small_study["nm"], "--ct", ct), *words)
 
 
 WARNED = [
@@ -244,7 +228,7 @@ REAL_REFUSED = [
 @pytest.mark.parametrize("changes,words", REAL_REFUSED)
 def test_hostile_real_ct_is_refused_in_one_sentence(capsys, tmp_path, real_study, changes, words):
     ct = _real_ct(real_study, tmp_path / "ct", changes)
-    _assert_one_sentence(*_run(capsys, "info", real_study["nm"], "--ct", ct), *words)
+    assert_refused(*run_cli(capsys, "info", real_study["nm"], "--ct", ct), *words)
 
 
 @pytest.mark.real_data
@@ -287,11 +271,11 @@ def test_random_ct_header_succeeds_finite_or_refused_in_one_sentence(capsys, tmp
         return slices
 
     ct = _write_copy(small_study["ct_files"], folder / "ct", mutate)
-    code, stderr = _run(capsys, "reconstruct", "--nm", small_study["nm"], "--ct", ct, "--out", folder / "out",
+    code, stderr = run_cli(capsys, "reconstruct", "--nm", small_study["nm"], "--ct", ct, "--out", folder / "out",
                         "--iterations", "1", "--subsets", "2", "--formats", "nrrd")
     assert "Traceback" not in stderr
     if code == 0:
         image = read_image(next((folder / "out").glob("*/*.nrrd")))
         assert np.all(np.isfinite(image.array)) and image.array.min() >= 0
     else:
-        _assert_one_sentence(code, stderr)
+        assert_refused(code, stderr)

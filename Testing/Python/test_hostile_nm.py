@@ -11,24 +11,10 @@ import pydicom
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from cli_outcomes import assert_refused, run_cli
 from sspect.cli import main
 from sspect.io.volume_files import read_image
 
-
-def _run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.err.strip()
-
-
-def _assert_refused(code, stderr, words):
-    """Exit code 2 and exactly one 'sspect: ...' line, the last one, holding every word."""
-    assert code == 2, stderr
-    assert "Traceback" not in stderr
-    errors = [line for line in stderr.splitlines() if line.startswith("sspect: ")]
-    assert len(errors) == 1 and stderr.splitlines()[-1] == errors[0], stderr
-    for word in words:
-        assert word.lower() in errors[0].lower(), errors[0]
 
 
 def _mutated(source, folder: Path, change) -> Path:
@@ -183,12 +169,12 @@ REFUSED = [  # (case, mutation, words of the one sentence)
 @pytest.mark.parametrize("change, words", [case[1:] for case in REFUSED], ids=[case[0] for case in REFUSED])
 def test_refused_in_one_sentence(capsys, tmp_path, small_study, change, words):
     nm = _mutated(small_study["nm"], tmp_path, change)
-    _assert_refused(*_run(capsys, "info", nm), words)
+    assert_refused(*run_cli(capsys, "info", nm), *words)
 
 
 def _reconstruct(capsys, tmp_path, nm, *extra):
     out = tmp_path / "out"
-    code, stderr = _run(capsys, "reconstruct", "--nm", nm, "--out", out, "--iterations", "1", "--subsets", "2",
+    code, stderr = run_cli(capsys, "reconstruct", "--nm", nm, "--out", out, "--iterations", "1", "--subsets", "2",
                         "--formats", "nrrd", "--name", "image", *extra)
     assert code == 0, stderr
     image = read_image(next(out.rglob("image.nrrd"))).array
@@ -288,7 +274,7 @@ REAL_REFUSED = [
 @pytest.mark.parametrize("change, words", [case[1:] for case in REAL_REFUSED], ids=[case[0] for case in REAL_REFUSED])
 def test_real_study_refused_in_one_sentence(capsys, tmp_path, real_study, change, words):
     nm = _mutated(real_study["nm"], tmp_path, change)
-    _assert_refused(*_run(capsys, "info", nm), words)
+    assert_refused(*run_cli(capsys, "info", nm), *words)
 
 
 @pytest.mark.real_data
@@ -341,11 +327,11 @@ def test_random_header_succeeds_finite_or_refused_in_one_sentence(capsys, tmp_pa
     except (ValueError, TypeError, OverflowError, KeyError, OSError):
         return  # pydicom cannot write this header, so no user can hand it to us
     out = tmp_path / "out"
-    code, stderr = _run(capsys, "reconstruct", "--nm", nm, "--out", out, "--iterations", "1", "--subsets", "2",
+    code, stderr = run_cli(capsys, "reconstruct", "--nm", nm, "--out", out, "--iterations", "1", "--subsets", "2",
                         "--formats", "nrrd", "--name", "image", "--overwrite")
     assert "Traceback" not in stderr
     if code == 0:
         image = read_image(next(out.rglob("image.nrrd"))).array
         assert np.all(np.isfinite(image)) and np.all(image >= 0)
     else:
-        _assert_refused(code, stderr, [])
+        assert_refused(code, stderr)

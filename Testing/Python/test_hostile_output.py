@@ -14,29 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from sspect.cli import main
+from cli_outcomes import assert_refused, run_cli
 from sspect.io.volume_files import read_image
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.err.strip()
-
-
-def _assert_refused(code, stderr, words):
-    assert code == 2, stderr
-    assert "Traceback" not in stderr
-    errors = [line for line in stderr.splitlines() if line.startswith("sspect: ")]
-    assert len(errors) == 1 and stderr.splitlines()[-1] == errors[0], stderr
-    for word in words:
-        assert word.lower() in errors[0].lower(), errors[0]
-
 
 def _reconstruct(capsys, small_study, out, *extra):
-    return _run(capsys, "reconstruct", "--nm", small_study["nm"], "--out", out, "--iterations", "1", "--subsets", "2",
+    return run_cli(capsys, "reconstruct", "--nm", small_study["nm"], "--out", out, "--iterations", "1", "--subsets", "2",
                 "--formats", "nrrd", *extra)
 
 
@@ -73,7 +59,7 @@ SETTINGS_REFUSED = [  # (case, options, words)
 @pytest.mark.parametrize("options, words", [case[1:] for case in SETTINGS_REFUSED], ids=[case[0] for case in SETTINGS_REFUSED])
 def test_bad_setting_refused_before_any_file(capsys, tmp_path, small_study, options, words):
     out = tmp_path / "out"
-    _assert_refused(*_reconstruct(capsys, small_study, out, *options), words)
+    assert_refused(*_reconstruct(capsys, small_study, out, *options), *words)
     assert not out.exists() or list(out.iterdir()) == []
     assert not (tmp_path / "x").exists()  # '../x' wrote nothing beside the output folder
 
@@ -81,17 +67,17 @@ def test_bad_setting_refused_before_any_file(capsys, tmp_path, small_study, opti
 def test_output_folder_that_is_a_file(capsys, tmp_path, small_study):
     out = tmp_path / "out"
     out.write_text("in the way\n")
-    _assert_refused(*_reconstruct(capsys, small_study, out), ["is a file"])
+    assert_refused(*_reconstruct(capsys, small_study, out), "is a file")
     assert out.read_text() == "in the way\n"
 
 
 def test_output_folder_under_a_file(capsys, tmp_path, small_study):
     (tmp_path / "file").write_text("")
-    _assert_refused(*_reconstruct(capsys, small_study, tmp_path / "file" / "out"), ["part of its path is a file"])
+    assert_refused(*_reconstruct(capsys, small_study, tmp_path / "file" / "out"), "part of its path is a file")
 
 
 def test_output_folder_not_writable(capsys, small_study):
-    _assert_refused(*_reconstruct(capsys, small_study, "/sys/sspect-out"), ["cannot be written"])
+    assert_refused(*_reconstruct(capsys, small_study, "/sys/sspect-out"), "cannot be written")
 
 
 def test_result_is_one_folder_named_after_the_result(capsys, tmp_path, small_study):
@@ -109,7 +95,7 @@ def test_given_name_taken_is_refused_and_the_old_set_kept(capsys, tmp_path, smal
     out = tmp_path / "out"
     assert _reconstruct(capsys, small_study, out, "--name", "liver")[0] == 0
     before = {p.name: p.stat().st_mtime_ns for p in (out / "liver").iterdir()}
-    _assert_refused(*_reconstruct(capsys, small_study, out, "--name", "liver", "--iterations", "2"), ["already exists", "--overwrite"])
+    assert_refused(*_reconstruct(capsys, small_study, out, "--name", "liver", "--iterations", "2"), "already exists", "--overwrite")
     assert {p.name: p.stat().st_mtime_ns for p in (out / "liver").iterdir()} == before
     assert _hidden(out) == []
 
@@ -118,7 +104,7 @@ def test_file_in_the_way_of_a_given_name_is_refused(capsys, tmp_path, small_stud
     out = tmp_path / "out"
     out.mkdir()
     (out / "liver").write_text("notes\n")
-    _assert_refused(*_reconstruct(capsys, small_study, out, "--name", "liver"), ["in the way"])
+    assert_refused(*_reconstruct(capsys, small_study, out, "--name", "liver"), "in the way")
     assert (out / "liver").read_text() == "notes\n" and _hidden(out) == []
 
 
@@ -284,5 +270,5 @@ def small_disk(tmp_path):
 
 
 def test_disk_without_room_is_refused_before_reconstructing(capsys, small_study, small_disk):
-    _assert_refused(*_reconstruct(capsys, small_study, small_disk / "out"), ["MB free", "free space"])
+    assert_refused(*_reconstruct(capsys, small_study, small_disk / "out"), "MB free", "free space")
     assert _visible(small_disk / "out") == [] and _hidden(small_disk / "out") == []

@@ -5,7 +5,8 @@ Everything is first written under a hidden temporary name in the destination's o
 and renamed onto the final name only once complete. The extensions are kept at the end of the
 temporary name because writers such as SimpleITK choose the format from them. A process killed
 with SIGKILL can leave a hidden ``.partial`` entry behind, never a truncated file under the final
-name. The guarantee is against the process dying, not against power loss (no fsync).
+name. The guarantee is against the process dying, not against power loss (no fsync). A result
+set (several files) is one folder written the same way (``result_set``).
 """
 from __future__ import annotations
 
@@ -117,6 +118,16 @@ class ResultSet:
     temporary: Path
 
 
+def check_name_free(out_dir: str | os.PathLike, name: str, *, overwrite: bool) -> None:
+    """Refuse a given result name that is taken (unless overwriting) or has a file in its way."""
+    final = Path(out_dir) / name
+    if final.exists() and not final.is_dir():
+        raise SSPECTError(f"A file named {name} is in the way of the result folder in {out_dir}; move it or choose another name.")
+    if _is_non_empty_directory(final) and not overwrite:
+        raise SSPECTError(f"A result named {name} already exists in {out_dir}; choose another name, or allow overwriting "
+                          "(--overwrite, or \"overwrite\": true in a job file).")
+
+
 @contextmanager
 def result_set(out_dir: str | os.PathLike, name: str, *, numbered: bool, overwrite: bool) -> Iterator[ResultSet]:
     """Yield a temporary folder that becomes ``out_dir/name`` in one rename once the body succeeds.
@@ -143,11 +154,7 @@ def result_set(out_dir: str | os.PathLike, name: str, *, numbered: bool, overwri
             break
     else:
         candidate = name
-        final = out / name
-        if final.exists() and not final.is_dir():
-            raise SSPECTError(f"A file named {name} is in the way of the result folder in {out}; move it or choose another name.")
-        if _is_non_empty_directory(final) and not overwrite:
-            raise SSPECTError(f"A result named {name} already exists in {out}; choose another name, or allow overwriting (--overwrite, or \"overwrite\": true in a job file).")
+        check_name_free(out, name, overwrite=overwrite)
     final = out / candidate
     try:
         with atomic_directory(final, overwrite=overwrite) as temporary:

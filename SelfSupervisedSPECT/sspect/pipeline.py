@@ -423,8 +423,12 @@ def _write_set(volume: Volume, provenance: dict, study: Study, settings: Setting
 def run(nm_paths, ct_source, settings: Settings, out_dir, events: Events | None = None) -> dict:
     """The whole job: load, reconstruct, write; returns the written files and the provenance."""
     events = events or Events()
+    from .atomic import check_name_free
+
     check_settings(settings)
     out = check_output_folder(out_dir)
+    if settings.name is not None:
+        check_name_free(out, settings.name, overwrite=settings.overwrite)
     study = load_study(nm_paths, ct_source, settings)
     check_room(out, study, settings)
     for warning in study.warnings:

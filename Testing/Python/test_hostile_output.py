@@ -95,7 +95,9 @@ def test_given_name_taken_is_refused_and_the_old_set_kept(capsys, tmp_path, smal
     out = tmp_path / "out"
     assert _reconstruct(capsys, small_study, out, "--name", "liver")[0] == 0
     before = {p.name: p.stat().st_mtime_ns for p in (out / "liver").iterdir()}
-    assert_refused(*_reconstruct(capsys, small_study, out, "--name", "liver", "--iterations", "2"), "already exists", "--overwrite")
+    code, stderr = _reconstruct(capsys, small_study, out, "--name", "liver", "--iterations", "2")
+    assert_refused(code, stderr, "already exists", "--overwrite")
+    assert "%|" not in stderr  # refused before reconstructing: no progress bar was drawn
     assert {p.name: p.stat().st_mtime_ns for p in (out / "liver").iterdir()} == before
     assert _hidden(out) == []
 

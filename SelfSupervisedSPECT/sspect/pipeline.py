@@ -409,6 +409,7 @@ def _write_set(volume: Volume, provenance: dict, study: Study, settings: Setting
         write_dicom_series(volume, place("dicom", f"{name}_dicom"), reference_nm_path=first.path, overwrite=True, metadata={
             "reconstruction_method": f"{provenance['method_title']} ({', '.join(f'{k}={v}' for k, v in provenance['params'].items())})",
             "corrections": provenance["corrections"], "radionuclide": study.isotope.radionuclide_metadata(),
+            "frame_of_reference_uid": (study.ct.frame_of_reference_uid if study.ct else "") or first.frame_of_reference_uid,
             "acquisition_duration_s": first.frame_duration_s * first.n_views / max(first.n_detectors, 1)},
             series_description=f"sspect {name} [{volume.unit}]")
     write_preview(volume, ct_on_grid(study, volume), place("preview", f"{name}_preview.png"), f"{provenance['method_title']} [{volume.unit}]")

@@ -178,14 +178,17 @@ def test_dicom_takes_study_patient_and_dates_from_the_reference_nm(tmp_path):
         assert ds.SeriesInstanceUID != nm.SeriesInstanceUID
         assert (str(ds.PatientName), ds.PatientID, ds.PatientBirthDate, ds.PatientSex) == ("Doe^Jane", "P123", "19600102", "F")
         assert float(ds.PatientWeight) == 70
-        for name in ("Study", "Series", "Acquisition", "Content"):
+        for name in ("Study", "Series", "Acquisition"):
             assert ds[f"{name}Date"].value == nm[f"{name}Date"].value
             assert ds[f"{name}Time"].value == nm[f"{name}Time"].value
-        assert ds.Manufacturer == "GE MEDICAL SYSTEMS"
+        assert (ds.ContentDate, ds.ContentTime) == (ds.InstanceCreationDate, ds.InstanceCreationTime)  # made now
+        assert ds.ContentDate != nm.ContentDate
+        assert ds.Manufacturer == "SelfSupervisedSPECT" and "DeviceSerialNumber" not in ds  # this image is ours
+        assert "PatientOrientationCodeSequence" in ds and "PatientGantryRelationshipCodeSequence" in ds
         assert list(ds.SoftwareVersions) == ["sspect 0.1.0", "PyTomography 3.4.0"]
         assert "OSEM 4 it x 8 subsets" in ds.SeriesDescription
         assert ds.ReconstructionMethod == "OSEM 4 it x 8 subsets"
-        assert list(ds.CorrectedImage) == ["ATTN", "SCAT", "RESO"]
+        assert list(ds.CorrectedImage) == ["ATTN", "SCAT"]  # no defined term for the collimator response
         assert ds.DecayCorrection == "NONE"
         assert ds.ActualFrameDuration == 60 * 25000  # 60 views of 25 s
         drug = ds.RadiopharmaceuticalInformationSequence[0]
@@ -204,7 +207,7 @@ def test_dicom_from_deidentified_nm_leaves_unknown_dates_empty(tmp_path):
     folder = write_dicom_series(ramp_volume(unit="counts"), tmp_path / "dicom", reference_nm_path=nm_path)
     ds = read_slices(folder)[0]
     assert ds.Units == "CNTS"
-    for keyword in ("StudyDate", "StudyTime", "SeriesDate", "AcquisitionDate", "AcquisitionTime", "ContentDate",
+    for keyword in ("StudyDate", "StudyTime", "SeriesDate", "AcquisitionDate", "AcquisitionTime",
                     "PatientName", "PatientID", "PatientBirthDate", "PatientSex"):
         assert keyword in ds and ds[keyword].value in ("", None)
     assert "RadionuclideTotalDose" not in ds.RadiopharmaceuticalInformationSequence[0]
@@ -215,7 +218,7 @@ def test_dicom_dates_come_from_metadata_when_the_nm_has_none(tmp_path):
     metadata = {"acquisition_datetime": "2024-03-01T10:30:12", "acquisition_duration_s": 1500,
                 "decay_correction": "START", "decay_factor": 1.02, "corrections": ["attenuation"]}
     ds = read_slices(write_dicom_series(ramp_volume(), tmp_path / "dicom", reference_nm_path=nm_path, metadata=metadata))[0]
-    for name in ("Study", "Series", "Acquisition", "Content"):
+    for name in ("Study", "Series", "Acquisition"):
         assert (ds[f"{name}Date"].value, ds[f"{name}Time"].value) == ("20240301", "103012")
     assert ds.ActualFrameDuration == 1500000
     assert list(ds.CorrectedImage) == ["ATTN", "DECY"]
@@ -231,9 +234,33 @@ def test_dicom_from_the_real_deidentified_study(tmp_path, real_study):
     ds = read_slices(folder)[0]
     assert ds.StudyInstanceUID == nm.StudyInstanceUID and ds.FrameOfReferenceUID == nm.FrameOfReferenceUID
     assert (ds.AcquisitionDate, ds.AcquisitionTime) == ("20201214", "074609")
-    assert ds.PatientName == "" and ds.Manufacturer == "GE MEDICAL SYSTEMS"
+    assert ds.PatientName == "" and ds.Manufacturer == "SelfSupervisedSPECT"
     assert ds.ActualFrameDuration == 60 * 25000
     assert np.abs(read_dicom_series(folder).array - volume.array).max() < 1e-3 * volume.array.max()
+
+
+def test_dicom_states_the_nms_dose_in_becquerel(tmp_path):
+    """The NM module states RadionuclideTotalDose in MBq, the PET Isotope module in Bq."""
+    nm_path = reference_nm(tmp_path / "nm.dcm", dated=True)
+    nm = pydicom.dcmread(nm_path)
+    drug = Dataset()
+    drug.RadionuclideTotalDose = "7400"
+    nm.RadiopharmaceuticalInformationSequence = [drug]
+    nm.save_as(nm_path, enforce_file_format=True)
+    ds = read_slices(write_dicom_series(ramp_volume(), tmp_path / "dicom", reference_nm_path=nm_path))[0]
+    assert float(ds.RadiopharmaceuticalInformationSequence[0].RadionuclideTotalDose) == pytest.approx(7.4e9)
+
+
+def test_dicom_lies_in_the_frame_it_is_given(tmp_path):
+    """The image is on the CT's grid: it takes the CT's Frame of Reference when the NM has none."""
+    nm_path = reference_nm(tmp_path / "nm.dcm", dated=False)
+    nm = pydicom.dcmread(nm_path)
+    del nm.FrameOfReferenceUID
+    nm.save_as(nm_path, enforce_file_format=True)
+    ct_frame = generate_uid()
+    ds = read_slices(write_dicom_series(ramp_volume(), tmp_path / "dicom", reference_nm_path=nm_path,
+                                        metadata={"frame_of_reference_uid": ct_frame}))[0]
+    assert ds.FrameOfReferenceUID == ct_frame
 
 
 def test_dicom_without_reference_invents_nothing(tmp_path):

@@ -42,18 +42,19 @@ VOLUME_UNITS = {"BQML": "Bq/mL", "CNTS": "counts", "CPS": "cps"}
 # from the reference NM; io does not import the registry (physics sits beside io, not under it).
 RADIONUCLIDE_KEYS = ("name", "code_value", "coding_scheme", "code_meaning", "half_life_s")
 
-# metadata["corrections"] names -> Corrected Image (0028,0051) terms. RESO (collimator-detector
-# response) is not among DICOM's defined terms for PT; defined terms may be extended, and no
-# standard term says "resolution modelled".
+# metadata["corrections"] names -> Corrected Image (0028,0051) defined terms for PT. The
+# collimator-detector response has no defined term, so it is stated only in ReconstructionMethod
+# and the provenance (validators flag a made-up term).
 CORRECTION_TERMS = {
     "attenuation": "ATTN",
     "scatter": "SCAT",
-    "collimator_detector_response": "RESO",
+    "collimator_detector_response": None,
 }
 
 METADATA_KEYS = {
     "reconstruction_method": "str, e.g. 'OSEM 4 it x 8 subsets': ReconstructionMethod, SeriesDescription",
-    "corrections": f"list of {sorted(CORRECTION_TERMS)}: CorrectedImage",
+    "corrections": f"list of {sorted(CORRECTION_TERMS)}: CorrectedImage (those with a defined term)",
+    "frame_of_reference_uid": "str: the frame the image lies in (the CT's when it was used; default: the NM's)",
     "decay_correction": "'NONE' (default), 'START' or 'ADMIN': DecayCorrection; adds DECY to CorrectedImage",
     "decay_factor": "float, required when decay_correction is not 'NONE': DecayFactor",
     "acquisition_datetime": "datetime or ISO string: the dates/times the reference NM lacks",
@@ -67,12 +68,12 @@ METADATA_KEYS = {
 
 INT16_MAX = np.iinfo(np.int16).max
 LONG_STRING_MAX = 64  # characters of a DICOM LO value
-DATE_TIME_PAIRS = (
+DATE_TIME_PAIRS = (  # the acquisition's; ContentDate/Time is when this image was made
     ("StudyDate", "StudyTime"),
     ("SeriesDate", "SeriesTime"),
     ("AcquisitionDate", "AcquisitionTime"),
-    ("ContentDate", "ContentTime"),
 )
+MANUFACTURER = "SelfSupervisedSPECT"  # General Equipment describes what made this derived image, not the scanner
 PATIENT_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex")
 COPIED_IF_PRESENT = (
     "PatientAge",
@@ -80,10 +81,8 @@ COPIED_IF_PRESENT = (
     "PatientSize",
     "StudyDescription",
     "InstitutionName",
-    "StationName",
-    "ManufacturerModelName",
-    "DeviceSerialNumber",
 )
+ORIENTATION_SEQUENCES = ("PatientOrientationCodeSequence", "PatientGantryRelationshipCodeSequence")  # Type 2
 
 
 def _long_string(text: str) -> str:
@@ -181,7 +180,7 @@ def _radiopharmaceutical_item(metadata: Mapping, reference: Dataset) -> Dataset:
                 setattr(item, keyword, source.get(keyword))
         dose = source.get("RadionuclideTotalDose", None)
         if dose not in (None, "") and float(dose) > 0:  # scanners write 0 for "not entered"
-            item.RadionuclideTotalDose = dose
+            item.RadionuclideTotalDose = DS(float(dose) * 1e6, auto_format=True)  # NM states MBq, PET Bq
     if "radiopharmaceutical" in metadata:
         item.Radiopharmaceutical = _long_string(metadata["radiopharmaceutical"])
     if "injected_activity_MBq" in metadata:
@@ -244,6 +243,7 @@ def _series_template(
     ds.Modality = "PT"
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
     ds.InstanceCreationDate, ds.InstanceCreationTime = _dicom_date_time(now.replace(microsecond=0))
+    ds.ContentDate, ds.ContentTime = ds.InstanceCreationDate, ds.InstanceCreationTime
 
     for keyword in PATIENT_TYPE2:  # type 2: present even when the NM is de-identified
         setattr(ds, keyword, reference.get(keyword, ""))
@@ -259,7 +259,8 @@ def _series_template(
     ds.SeriesNumber = series_number
     default_description = f"{nuclide['name'] + ' ' if nuclide else ''}SPECT {method or 'reconstruction'} (sspect)"
     ds.SeriesDescription = _long_string(series_description or default_description)
-    ds.FrameOfReferenceUID = reference.get("FrameOfReferenceUID", None) or generate_uid()
+    ds.FrameOfReferenceUID = (metadata.get("frame_of_reference_uid") or reference.get("FrameOfReferenceUID", None)
+                              or generate_uid())
     ds.PositionReferenceIndicator = reference.get("PositionReferenceIndicator", "")
 
     acquisition = metadata.get("acquisition_datetime")
@@ -272,7 +273,8 @@ def _series_template(
             setattr(ds, date_keyword, fallback[0])
             setattr(ds, time_keyword, fallback[1])
 
-    ds.Manufacturer = reference.get("Manufacturer", "")  # the scanner's, as dosimetry tools expect
+    ds.Manufacturer = MANUFACTURER
+    ds.ManufacturerModelName = "sspect"
     ds.SoftwareVersions = [f"sspect {__version__}", *(_long_string(s) for s in metadata.get("software", ()))]
     if reference.get("SOPInstanceUID", None):
         source = Dataset()
@@ -287,7 +289,7 @@ def _series_template(
     ds.SeriesType = ["STATIC", "IMAGE"]
     ds.NumberOfSlices = volume.array.shape[2]
     decay = metadata.get("decay_correction", "NONE")
-    corrections = [CORRECTION_TERMS[name] for name in metadata.get("corrections", ())]
+    corrections = [CORRECTION_TERMS[name] for name in metadata.get("corrections", ()) if CORRECTION_TERMS[name]]
     ds.CorrectedImage = corrections + (["DECY"] if decay != "NONE" else [])
     ds.DecayCorrection = decay
     if decay != "NONE":
@@ -298,6 +300,8 @@ def _series_template(
     ds.RadiopharmaceuticalInformationSequence = [_radiopharmaceutical_item(metadata, reference)]
     ds.ActualFrameDuration = _acquisition_duration_ms(metadata, reference)
     ds.FrameReferenceTime = 0
+    for keyword in ORIENTATION_SEQUENCES:  # NM/PET Patient Orientation module, as the NM states it
+        setattr(ds, keyword, reference.get(keyword, None) or [])
 
     # Image Plane and Image Pixel modules: columns run along axis i, rows along axis j
     direction = np.asarray(volume.direction, dtype=float)

@@ -1,5 +1,6 @@
 """Export (NRRD, NIfTI, DICOM PT series) keeps values, geometry, units and the dosimetry tags;
 result files and folders are written atomically."""
+import datetime as dt
 import json
 from pathlib import Path
 
@@ -237,6 +238,15 @@ def test_dicom_from_the_real_deidentified_study(tmp_path, real_study):
     assert ds.PatientName == "" and ds.Manufacturer == "SelfSupervisedSPECT"
     assert ds.ActualFrameDuration == 60 * 25000
     assert np.abs(read_dicom_series(folder).array - volume.array).max() < 1e-3 * volume.array.max()
+
+
+def test_dicom_series_number_follows_the_creation_time(tmp_path):
+    """Several reconstructions of one study get their own numbers, in the order they were made."""
+    ds = read_slices(write_dicom_series(ramp_volume(), tmp_path / "dicom"))[0]
+    created = dt.datetime.strptime(ds.InstanceCreationDate + ds.InstanceCreationTime, "%Y%m%d%H%M%S")
+    assert ds.SeriesNumber == int(created.strftime("%j%H%M%S"))
+    given = read_slices(write_dicom_series(ramp_volume(), tmp_path / "given", series_number=7))[0]
+    assert given.SeriesNumber == 7
 
 
 def test_dicom_states_the_nms_dose_in_becquerel(tmp_path):

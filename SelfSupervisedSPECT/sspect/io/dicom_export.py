@@ -231,7 +231,7 @@ def _check_geometry(volume: Volume) -> np.ndarray:
 
 
 def _series_template(
-    volume: Volume, reference: Dataset, metadata: Mapping, series_description: str | None, series_number: int
+    volume: Volume, reference: Dataset, metadata: Mapping, series_description: str | None, series_number: int | None
 ) -> Dataset:
     """Everything that is the same in every slice of the series."""
     method = str(metadata.get("reconstruction_method", "")).strip()
@@ -256,7 +256,7 @@ def _series_template(
     ds.AccessionNumber = reference.get("AccessionNumber", "")
     ds.ReferringPhysicianName = reference.get("ReferringPhysicianName", "")
     ds.SeriesInstanceUID = generate_uid()
-    ds.SeriesNumber = series_number
+    ds.SeriesNumber = int(now.strftime("%j%H%M%S")) if series_number is None else series_number
     default_description = f"{nuclide['name'] + ' ' if nuclide else ''}SPECT {method or 'reconstruction'} (sspect)"
     ds.SeriesDescription = _long_string(series_description or default_description)
     ds.FrameOfReferenceUID = (metadata.get("frame_of_reference_uid") or reference.get("FrameOfReferenceUID", None)
@@ -328,7 +328,7 @@ def write_dicom_series(
     reference_nm_path: str | os.PathLike | None = None,
     metadata: Mapping | None = None,
     series_description: str | None = None,
-    series_number: int = 1001,
+    series_number: int | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write ``volume`` as a PET Image Storage series, one file per axial slice, atomically.
@@ -336,7 +336,9 @@ def write_dicom_series(
     Patient, study, frame of reference, equipment and acquisition dates/times come from the
     reference NM projection file (empty values copied as empty); dates the NM lacks come from
     ``metadata['acquisition_datetime']`` or stay empty, never invented. ``metadata`` accepts
-    the keys in ``METADATA_KEYS``. Returns the folder.
+    the keys in ``METADATA_KEYS``. ``series_number`` defaults to the creation time (day of the
+    year and time of day), so that several reconstructions of one study sort as they were made.
+    Returns the folder.
     """
     metadata = dict(metadata or {})
     _check_metadata(metadata)

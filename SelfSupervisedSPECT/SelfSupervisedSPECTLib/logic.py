@@ -36,7 +36,7 @@ PET_HEAT = "vtkMRMLPETProceduralColorNodePET-Heat"
 GREY = "vtkMRMLColorTableNodeGrey"
 UNCERTAINTY_REFERENCE = ATTRIBUTE + "Uncertainty"  # node reference from a result image to its voxel SD map
 JOB_OPTIONS = ("calibration_cps_per_MBq", "device", "windows", "output_dir", "collimator", "seed", "detector_binning",
-               "projector", "isotope", "photopeaks")
+               "projector", "isotope", "photopeaks", "acquisition_datetime", "injection_datetime", "injected_activity_MBq")
 PROJECTORS = ("fast", "pytomography")  # the engine's system models: its own fast operator, PyTomography's (reference)
 ISOTOPES = ("177Lu", "99mTc", "111In", "131I")  # the engine's isotope registry (sspect/physics/isotopes.py)
 WINDOW_KEYS = ("peak", "lower", "upper")
@@ -182,12 +182,14 @@ class SelfSupervisedSPECTLogicBase:
     # -- the job -------------------------------------------------------------------------------
     def build_job(self, projection_node, ct_node, method="osem", params=None, calibration_cps_per_MBq=None,
                   device="auto", windows=None, output_dir=None, collimator=None, seed=0, detector_binning=1,
-                  projector="fast", isotope=None, photopeaks=None):
+                  projector="fast", isotope=None, photopeaks=None, acquisition_datetime=None, injection_datetime=None,
+                  injected_activity_MBq=None):
         """Write a job file (sspect/jobs.py schema) into a new folder under ``work_root``.
 
         ``projection_node`` may be a list of nodes, one per bed. ``isotope``: one of ``ISOTOPES``
         (None: the engine detects it); ``photopeaks``: keV values as a list or "113,208" (None:
-        the isotope's default). Returns (job dict, job path).
+        the isotope's default). ``acquisition_datetime``, ``injection_datetime`` (ISO text) and
+        ``injected_activity_MBq``: for the DICOM image when the NM file lacks them. Returns (job dict, job path).
         """
         projection_nodes = list(projection_node) if isinstance(projection_node, (list, tuple)) else [projection_node]
         params = dict(params or {})
@@ -207,6 +209,13 @@ class SelfSupervisedSPECTLogicBase:
                 calibration_cps_per_MBq = -1.0
             if not calibration_cps_per_MBq > 0:
                 raise DoorError("The calibration factor must be a positive number of counts per second per MBq.")
+        if injected_activity_MBq is not None:
+            try:
+                injected_activity_MBq = float(injected_activity_MBq)
+            except (TypeError, ValueError):
+                injected_activity_MBq = -1.0
+            if not 0 < injected_activity_MBq < float("inf"):
+                raise DoorError("The injected activity must be a positive number of MBq.")
         if isinstance(detector_binning, bool) or detector_binning not in range(1, 9):
             raise DoorError(f"The detector binning must be a whole number from 1 to 8, not {detector_binning!r}.")
         if projector not in PROJECTORS:
@@ -229,7 +238,9 @@ class SelfSupervisedSPECTLogicBase:
                "collimator": collimator, "calibration_cps_per_MBq": calibration_cps_per_MBq,
                "device": device, "seed": int(seed), "detector_binning": int(detector_binning),
                "projector": projector, "isotope": isotope, "photopeaks": photopeaks, "formats": ["nrrd"], "name": None,
-               "overwrite": False}  # each run has its own folder
+               "overwrite": False,  # each run has its own folder
+               "acquisition_datetime": acquisition_datetime, "injection_datetime": injection_datetime,
+               "injected_activity_MBq": injected_activity_MBq}
         job_path = folder / "job.json"
         partial = folder / "job.json.partial"
         partial.write_text(json.dumps(job, indent=2))

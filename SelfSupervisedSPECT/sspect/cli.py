@@ -20,7 +20,8 @@ def _settings(args, method_params: dict):
                     lower_window=args.lower_window, upper_window=args.upper_window, collimator=args.collimator,
                     isotope=args.isotope, photopeaks=args.photopeaks, calibration_cps_per_MBq=args.calibration, device=args.device, seed=args.seed,
                     formats=tuple(args.formats.split(",")), name=args.name, detector_binning=args.binning,
-                    projector=args.projector, overwrite=args.overwrite)
+                    projector=args.projector, overwrite=args.overwrite, acquisition_datetime=args.acquisition_datetime,
+                    injection_datetime=args.injection_datetime, injected_activity_MBq=args.injected_activity)
 
 
 def _method_params(args) -> dict:
@@ -265,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("--formats", default="nrrd,dicom", help="comma-separated: nrrd, nifti, dicom")
     recon.add_argument("--name", help="name of the result folder and its files (default: from the method; a taken default gets _2, _3 ...)")
     recon.add_argument("--overwrite", action="store_true", help="replace a result of the same --name (refused otherwise)")
+    dosimetry = recon.add_argument_group("dosimetry inputs written into the DICOM image (from the NM file unless given)")
+    dosimetry.add_argument("--acquisition-datetime", metavar="ISO", help="e.g. 2024-03-01T10:30:00, for a file that lacks it")
+    dosimetry.add_argument("--injection-datetime", metavar="ISO", help="e.g. 2024-02-28T09:00:00")
+    dosimetry.add_argument("--injected-activity", type=float, metavar="MBQ", help="injected activity in MBq")
     recon.add_argument("--out", required=True, help="output folder")
     _add_study_options(recon)
     recon.set_defaults(func=command_reconstruct)

@@ -14,6 +14,8 @@ Job file (JSON)::
      "device": "auto", "seed": 0, "formats": ["nrrd", "dicom"],
      "name": null,                           # the result folder's name; null: from the method, numbered when taken
      "overwrite": false,                     # true: a given name that is taken is replaced (else refused)
+     "acquisition_datetime": null,           # ISO, for a file that lacks it; the next two win over the file's
+     "injection_datetime": null, "injected_activity_MBq": null,
      "detector_binning": 1,                  # optional: 2 sums 2x2 detector pixels (one bed)
      "projector": "fast"}                    # optional: "pytomography" for PyTomography's own (reference) model
 
@@ -99,6 +101,9 @@ class Job(BaseModel):
     detector_binning: int = Field(1, description="a whole number such as 1 or 2")
     projector: str = Field("fast", description='"fast" or "pytomography"')
     overwrite: bool = Field(False, description="true or false")
+    acquisition_datetime: Optional[str] = Field(None, description='an ISO date and time such as "2024-03-01T10:30:00" or null')
+    injection_datetime: Optional[str] = Field(None, description='an ISO date and time such as "2024-02-28T09:00:00" or null')
+    injected_activity_MBq: Optional[float] = Field(None, description="a number of MBq or null")
 
 
 JOB_KEYS = frozenset(Job.model_fields)
@@ -274,7 +279,9 @@ def settings_from_job(job: Job) -> Settings:
         collimator=job.collimator, isotope=job.isotope, photopeaks=tuple(job.photopeaks) if job.photopeaks else None,
         calibration_cps_per_MBq=job.calibration_cps_per_MBq, device=job.device, seed=job.seed,
         formats=tuple(job.formats) or Settings.formats, name=job.name,
-        detector_binning=job.detector_binning, projector=job.projector, overwrite=job.overwrite)
+        detector_binning=job.detector_binning, projector=job.projector, overwrite=job.overwrite,
+        acquisition_datetime=job.acquisition_datetime, injection_datetime=job.injection_datetime,
+        injected_activity_MBq=job.injected_activity_MBq)
 
 
 def run_job(path, stream=None) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import platform
+from datetime import datetime
 import re
 import shutil
 import tempfile
@@ -53,6 +54,9 @@ class Settings:
     detector_binning: int = 1  # 2: 2x2 detector pixels summed, a 2x coarser grid (networks ~8x faster)
     projector: str = "fast"  # or "pytomography", the reference model
     overwrite: bool = False  # a result of the same (given) name is replaced instead of refused
+    acquisition_datetime: str | None = None  # ISO 8601; for a file that lacks it (de-identified)
+    injection_datetime: str | None = None  # ISO 8601; wins over the file's
+    injected_activity_MBq: float | None = None  # wins over the file's
 
 
 @dataclass
@@ -88,6 +92,16 @@ def check_settings(settings: Settings) -> None:
         raise SSPECTError(f"The seed must be a whole number from 0 to {SEED_RANGE.stop - 1}, not {settings.seed!r}.")
     if settings.name is not None:
         check_result_name(settings.name)
+    for key in ("acquisition_datetime", "injection_datetime"):
+        value = getattr(settings, key)
+        if value is not None:
+            try:
+                datetime.fromisoformat(str(value))
+            except ValueError:
+                raise SSPECTError(f"The {key.replace('_', ' ')} {value!r} is not a date and time; give it as 2024-03-01T10:30:00.") from None
+    activity = settings.injected_activity_MBq
+    if activity is not None and not (isinstance(activity, (int, float)) and math.isfinite(activity) and activity > 0):
+        raise SSPECTError(f"The injected activity must be a positive finite number of MBq, not {activity!r}.")
 
 
 def check_result_name(name) -> None:
@@ -159,6 +173,7 @@ def load_study(nm_paths, ct_source=None, settings: Settings | None = None) -> St
         if windows.scatter_method == "none":
             warnings.append("The scatter windows were switched off; the image is not scatter corrected." if switched_off
                             else f"No scatter window was found next to the {windows.photopeak_keV:g} keV photopeak; it is not scatter corrected.")
+    warnings += dosimetry_warnings(first, settings)
     collimator = get_collimator(settings.collimator) if settings.collimator else detect_collimator(first.manufacturer, first.collimator)
     warnings += [w for w in [serving_warning(collimator, isotope)] if w]
     ct = None
@@ -170,6 +185,23 @@ def load_study(nm_paths, ct_source=None, settings: Settings | None = None) -> St
     else:
         warnings.append("No CT was given; the image is not attenuation corrected.")
     return Study(beds, ct, isotope, peaks, collimator, sorted(set(warnings)))
+
+
+def dosimetry_warnings(bed: ProjectionStudy, settings: Settings) -> list[str]:
+    """What a dosimetry tool needs from the image's DICOM and neither the file nor the settings give."""
+    header = bed.header
+    drug = (header.get("RadiopharmaceuticalInformationSequence") or [None])[0]
+    missing = []
+    if not header.get("AcquisitionDate") and not settings.acquisition_datetime:
+        missing.append("acquisition date and time (--acquisition-datetime)")
+    if not (drug is not None and drug.get("RadiopharmaceuticalStartDateTime")) and not settings.injection_datetime:
+        missing.append("injection date and time (--injection-datetime)")
+    dose = drug.get("RadionuclideTotalDose") if drug is not None else None
+    if not (dose not in (None, "") and float(dose) > 0) and settings.injected_activity_MBq is None:
+        missing.append("injected activity (--injected-activity)")
+    if not missing:
+        return []
+    return [f"The projection file gives no {', no '.join(missing)}; dosimetry tools need them in the DICOM image, so give them."]
 
 
 def study_isotope(bed: ProjectionStudy, given: str | None, warnings: list[str]) -> Isotope:
@@ -410,6 +442,8 @@ def _write_set(volume: Volume, provenance: dict, study: Study, settings: Setting
             "reconstruction_method": f"{provenance['method_title']} ({', '.join(f'{k}={v}' for k, v in provenance['params'].items())})",
             "corrections": provenance["corrections"], "radionuclide": study.isotope.radionuclide_metadata(),
             "frame_of_reference_uid": (study.ct.frame_of_reference_uid if study.ct else "") or first.frame_of_reference_uid,
+            **{key: getattr(settings, key) for key in ("acquisition_datetime", "injection_datetime", "injected_activity_MBq")
+               if getattr(settings, key) is not None},
             "acquisition_duration_s": first.frame_duration_s * first.n_views / max(first.n_detectors, 1)},
             series_description=f"sspect {name} [{volume.unit}]")
     write_preview(volume, ct_on_grid(study, volume), place("preview", f"{name}_preview.png"), f"{provenance['method_title']} [{volume.unit}]")

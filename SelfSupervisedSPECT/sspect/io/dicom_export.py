@@ -272,6 +272,8 @@ def _series_template(
         else:
             setattr(ds, date_keyword, fallback[0])
             setattr(ds, time_keyword, fallback[1])
+    if not ds.SeriesDate:  # Type 1 in the PET Series module: the day this series was made, when the scan's is unknown
+        ds.SeriesDate, ds.SeriesTime = ds.InstanceCreationDate, ds.InstanceCreationTime
 
     ds.Manufacturer = MANUFACTURER
     ds.ManufacturerModelName = "sspect"
@@ -335,7 +337,8 @@ def write_dicom_series(
 
     Patient, study, frame of reference, equipment and acquisition dates/times come from the
     reference NM projection file (empty values copied as empty); dates the NM lacks come from
-    ``metadata['acquisition_datetime']`` or stay empty, never invented. ``metadata`` accepts
+    ``metadata['acquisition_datetime']`` or stay empty, never invented (Series Date and Time,
+    which DICOM requires, then state when this series was made). ``metadata`` accepts
     the keys in ``METADATA_KEYS``. ``series_number`` defaults to the creation time (day of the
     year and time of day), so that several reconstructions of one study sort as they were made.
     Returns the folder.

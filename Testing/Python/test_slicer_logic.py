@@ -498,6 +498,7 @@ def test_user_errors_are_one_sentence_and_leave_the_scene_alone(study, logic, sl
         "unknown method": lambda: logic.build_job(projections, ct, method="magic"),
         "unknown parameter": lambda: logic.reconstruct(projections, ct, iterations=2, smoothness=3),
         "bad calibration": lambda: logic.build_job(projections, ct, calibration_cps_per_MBq=-1),
+        "bad injected activity": lambda: logic.build_job(projections, ct, injected_activity_MBq="lots"),
         "bad window role": lambda: logic.build_job(projections, ct, windows={"photopeak": 1}),
         "unknown projector": lambda: logic.build_job(projections, ct, projector="fastest"),
         "unknown isotope": lambda: logic.build_job(projections, ct, isotope="Xe133"),
@@ -520,7 +521,9 @@ def test_job_file_follows_the_engine_schema(study, logic):
 
     job, path = logic.build_job(study["projection_node"], study["ct_node"], "osem", {"iterations": 3},
                                 calibration_cps_per_MBq=9.0, device="cpu", windows={"lower": "none"},
-                                projector="pytomography", isotope="177Lu", photopeaks="113, 208")
+                                projector="pytomography", isotope="177Lu", photopeaks="113, 208",
+                                injection_datetime="2024-02-28T09:00:00", injected_activity_MBq="7400")
+    assert job["injection_datetime"] == "2024-02-28T09:00:00" and job["injected_activity_MBq"] == 7400.0
     assert set(job) == JOB_KEYS and read_job(path).model_dump() == job and job["projector"] == "pytomography"
     assert job["isotope"] == "177Lu" and job["photopeaks"] == [113.0, 208.0]
     assert job["nm"] == [str(study["nm"])] and job["ct"] == [str(p) for p in study["ct_files"]]

@@ -79,8 +79,8 @@ def atomic_directory(final_dir: str | os.PathLike, *, overwrite: bool = False) -
     _check_destination_folder(final, overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
     temporary = _hidden_sibling(final, "partial")
-    temporary.mkdir()
-    try:
+    try:  # the mkdir inside, so that a signal landing just after it still removes the folder
+        temporary.mkdir()
         yield temporary
         _check_destination_folder(final, overwrite)
         if final.is_dir() and not _is_non_empty_directory(final):
@@ -141,26 +141,27 @@ def result_set(out_dir: str | os.PathLike, name: str, *, numbered: bool, overwri
     """
     out = Path(out_dir)
     claim = None
-    if numbered:
-        for number in itertools.count(1):
-            candidate = name if number == 1 else f"{name}_{number}"
-            if (out / candidate).exists():
-                continue
-            try:
-                (out / f".{candidate}.claim").mkdir()
-            except FileExistsError:
-                continue
-            claim = out / f".{candidate}.claim"
-            break
-    else:
-        candidate = name
-        check_name_free(out, name, overwrite=overwrite)
-    final = out / candidate
-    try:
+    try:  # the claim's mkdir inside, so that a signal landing just after it still removes the claim
+        if numbered:
+            for number in itertools.count(1):
+                candidate = name if number == 1 else f"{name}_{number}"
+                if (out / candidate).exists():
+                    continue
+                claim = out / f".{candidate}.claim"  # named before the mkdir, for the same reason
+                try:
+                    claim.mkdir()
+                except FileExistsError:
+                    claim = None
+                    continue
+                break
+        else:
+            candidate = name
+            check_name_free(out, name, overwrite=overwrite)
+        final = out / candidate
         with atomic_directory(final, overwrite=overwrite) as temporary:
             yield ResultSet(candidate, final, temporary)
     finally:
-        if claim is not None:
+        if claim is not None and claim.is_dir():
             claim.rmdir()
 
 

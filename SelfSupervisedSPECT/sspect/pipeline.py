@@ -6,13 +6,13 @@ give the same numbers everywhere.
 from __future__ import annotations
 
 import math
+import os
 import platform
-from datetime import datetime
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -117,9 +117,14 @@ def check_output_folder(out_dir) -> Path:
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise SSPECTError(f"The output folder {out} is a file; choose a folder.")
+    probe = out / f".sspect-write-check-{os.getpid()}"
     try:
         out.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryDirectory(dir=out, prefix=".sspect-write-check-").cleanup()
+        try:
+            probe.mkdir()
+        finally:  # also when SIGTERM lands right after the mkdir
+            if probe.is_dir():
+                probe.rmdir()
     except (NotADirectoryError, FileExistsError):
         raise SSPECTError(f"The output folder {out} cannot be made because part of its path is a file; choose another folder.") from None
     except OSError as error:

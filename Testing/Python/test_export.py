@@ -208,9 +208,10 @@ def test_dicom_from_deidentified_nm_leaves_unknown_dates_empty(tmp_path):
     folder = write_dicom_series(ramp_volume(unit="counts"), tmp_path / "dicom", reference_nm_path=nm_path)
     ds = read_slices(folder)[0]
     assert ds.Units == "CNTS"
-    for keyword in ("StudyDate", "StudyTime", "SeriesDate", "AcquisitionDate", "AcquisitionTime",
+    for keyword in ("StudyDate", "StudyTime", "AcquisitionDate", "AcquisitionTime",
                     "PatientName", "PatientID", "PatientBirthDate", "PatientSex"):
         assert keyword in ds and ds[keyword].value in ("", None)
+    assert (ds.SeriesDate, ds.SeriesTime) == (ds.InstanceCreationDate, ds.InstanceCreationTime)  # Type 1: never empty
     assert "RadionuclideTotalDose" not in ds.RadiopharmaceuticalInformationSequence[0]
 
 

@@ -379,8 +379,6 @@ def check_frames(ds: pydicom.Dataset, path: str) -> None:
     pixels = pixels.reshape(frames, rows, columns) if pixels.ndim == 2 else pixels
     if pixels.shape != (frames, rows, columns):
         raise SSPECTError(f"{path} says Number of Frames is {frames} but its pixel data holds {pixels.shape[0]}; the file is inconsistent, so export it again.")
-    if pixels.dtype.kind == "f":
-        raise SSPECTError(f"{path} holds floating-point pixel data; SPECT projections are whole counts, so give the scanner's original projection file.")
     if pixels.min() < 0:
         raise SSPECTError(f"{path} holds negative counts (signed pixel data down to {int(pixels.min())}); counts are never negative, so check Pixel Representation or export the projections again.")
     views = int(ds.RotationInformationSequence[0].NumberOfFramesInRotation)

@@ -35,8 +35,10 @@ ROLE = ATTRIBUTE + "Role"
 PET_HEAT = "vtkMRMLPETProceduralColorNodePET-Heat"
 GREY = "vtkMRMLColorTableNodeGrey"
 UNCERTAINTY_REFERENCE = ATTRIBUTE + "Uncertainty"  # node reference from a result image to its voxel SD map
-JOB_OPTIONS = ("calibration_cps_per_MBq", "device", "windows", "output_dir", "collimator", "seed", "detector_binning",
-               "projector", "isotope", "photopeaks", "acquisition_datetime", "injection_datetime", "injected_activity_MBq")
+JOB_OPTIONS = ("calibration_cps_per_MBq", "calibration", "device", "windows", "output_dir", "collimator", "seed",
+               "detector_binning", "projector", "isotope", "photopeaks", "acquisition_datetime", "injection_datetime",
+               "injected_activity_MBq", "decay_correction")
+DECAY_CORRECTIONS = ("none", "start", "injection")  # to the mean over the acquisition, its start, the injection
 PROJECTORS = ("fast", "pytomography")  # the engine's system models: its own fast operator, PyTomography's (reference)
 ISOTOPES = ("177Lu", "99mTc", "111In", "131I")  # the engine's isotope registry (sspect/physics/isotopes.py)
 WINDOW_KEYS = ("peak", "lower", "upper")
@@ -183,13 +185,17 @@ class SelfSupervisedSPECTLogicBase:
     def build_job(self, projection_node, ct_node, method="osem", params=None, calibration_cps_per_MBq=None,
                   device="auto", windows=None, output_dir=None, collimator=None, seed=0, detector_binning=1,
                   projector="fast", isotope=None, photopeaks=None, acquisition_datetime=None, injection_datetime=None,
-                  injected_activity_MBq=None):
+                  injected_activity_MBq=None, decay_correction="none", calibration=None, phantom=None,
+                  overwrite=False):
         """Write a job file (sspect/jobs.py schema) into a new folder under ``work_root``.
 
         ``projection_node`` may be a list of nodes, one per bed. ``isotope``: one of ``ISOTOPES``
         (None: the engine detects it); ``photopeaks``: keV values as a list or "113,208" (None:
         the isotope's default). ``acquisition_datetime``, ``injection_datetime`` (ISO text) and
-        ``injected_activity_MBq``: for the DICOM image when the NM file lacks them. Returns (job dict, job path).
+        ``injected_activity_MBq``: for the DICOM image when the NM file lacks them.
+        ``decay_correction``: one of ``DECAY_CORRECTIONS``. ``calibration``: the name of a stored
+        calibration instead of ``calibration_cps_per_MBq``. ``phantom`` ({"name", "activity_MBq",
+        "activity_datetime"}) makes it a calibrate job. Returns (job dict, job path).
         """
         projection_nodes = list(projection_node) if isinstance(projection_node, (list, tuple)) else [projection_node]
         params = dict(params or {})
@@ -216,6 +222,14 @@ class SelfSupervisedSPECTLogicBase:
                 injected_activity_MBq = -1.0
             if not 0 < injected_activity_MBq < float("inf"):
                 raise DoorError("The injected activity must be a positive number of MBq.")
+        if decay_correction not in DECAY_CORRECTIONS:
+            raise DoorError(f"Unknown decay correction {decay_correction!r}; choose {', '.join(DECAY_CORRECTIONS)}.")
+        if calibration is not None and calibration_cps_per_MBq is not None:
+            raise DoorError("Give the sensitivity as a number or as a stored calibration's name, not both.")
+        if calibration is not None and not str(calibration).strip():
+            calibration = None
+        if phantom is not None:
+            phantom = _phantom(phantom)
         if isinstance(detector_binning, bool) or detector_binning not in range(1, 9):
             raise DoorError(f"The detector binning must be a whole number from 1 to 8, not {detector_binning!r}.")
         if projector not in PROJECTORS:
@@ -231,16 +245,17 @@ class SelfSupervisedSPECTLogicBase:
         ct_files = self._ct_files(ct_node, projection_nodes)
 
         folder = self._new_job_folder(method)
-        job = {"version": 1, "nm": nm_files, "ct": ct_files,
+        job = {"version": 1, "task": "calibrate" if phantom else "reconstruct", "phantom": phantom,
+               "nm": nm_files, "ct": ct_files,
                "output_dir": str(Path(output_dir) if output_dir else folder),
                "method": method, "params": params,
                "windows": {key: windows.get(key) for key in WINDOW_KEYS},
-               "collimator": collimator, "calibration_cps_per_MBq": calibration_cps_per_MBq,
+               "collimator": collimator, "calibration_cps_per_MBq": calibration_cps_per_MBq, "calibration": calibration,
                "device": device, "seed": int(seed), "detector_binning": int(detector_binning),
                "projector": projector, "isotope": isotope, "photopeaks": photopeaks, "formats": ["nrrd"], "name": None,
-               "overwrite": False,  # each run has its own folder
+               "overwrite": bool(overwrite),  # the result folder is new per run: this replaces a stored calibration
                "acquisition_datetime": acquisition_datetime, "injection_datetime": injection_datetime,
-               "injected_activity_MBq": injected_activity_MBq}
+               "injected_activity_MBq": injected_activity_MBq, "decay_correction": decay_correction}
         job_path = folder / "job.json"
         partial = folder / "job.json.partial"
         partial.write_text(json.dumps(job, indent=2))
@@ -273,6 +288,20 @@ class SelfSupervisedSPECTLogicBase:
         """
         options = {key: params.pop(key) for key in JOB_OPTIONS if key in params}
         job, job_path = self.build_job(projection_node, ct_node, method, params, **options)
+        run = EngineRun(job_path, self.python_executable, self._engine_environment(job["device"]))
+        if wait:
+            run.wait(on_event=on_event)
+        return run
+
+    def calibrate(self, projection_node, ct_node, name, activity_MBq, activity_datetime=None, method="osem",
+                  replace=False, wait=False, on_event=None, **params):
+        """Measure the sensitivity on a phantom of known activity and store it as ``name`` (``replace``:
+        over a stored one of that name); a background engine run like ``reconstruct``, whose result
+        event holds the record under 'calibration'."""
+        options = {key: params.pop(key) for key in JOB_OPTIONS if key in params}
+        phantom = {"name": name, "activity_MBq": activity_MBq, "activity_datetime": activity_datetime or None}
+        job, job_path = self.build_job(projection_node, ct_node, method, params, phantom=phantom, overwrite=replace,
+                                       **options)
         run = EngineRun(job_path, self.python_executable, self._engine_environment(job["device"]))
         if wait:
             run.wait(on_event=on_event)
@@ -567,6 +596,20 @@ def release_headless_logics() -> None:
         _, (application, colors) = _HEADLESS_LOGICS.popitem()
         colors.SetMRMLScene(None)
         application.SetMRMLScene(None)
+
+
+def _phantom(phantom) -> dict:
+    """A calibrate job's phantom, checked as far as the panel's fields go (the engine checks the rest)."""
+    name = str(phantom.get("name") or "").strip()
+    if not name:
+        raise DoorError("Give the calibration a name, such as 'GE670 MEGP 177Lu', to store it under.")
+    try:
+        activity = float(phantom.get("activity_MBq"))
+    except (TypeError, ValueError):
+        activity = -1.0
+    if not 0 < activity < float("inf"):
+        raise DoorError("The phantom's activity must be a positive number of MBq.")
+    return {"name": name, "activity_MBq": activity, "activity_datetime": phantom.get("activity_datetime") or None}
 
 
 def result_node_name(method: str, params: dict, unit: str) -> str:

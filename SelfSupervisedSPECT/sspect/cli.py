@@ -16,12 +16,24 @@ from .errors import TERMINATED_EXIT_CODE, SSPECTError, Terminated, sigterm_as_in
 def _settings(args, method_params: dict):
     from .pipeline import Settings
 
+    number, name = _calibration(getattr(args, "calibration", None))
     return Settings(method=args.method, params=method_params, peak_window=args.peak_window,
                     lower_window=args.lower_window, upper_window=args.upper_window, collimator=args.collimator,
-                    isotope=args.isotope, photopeaks=args.photopeaks, calibration_cps_per_MBq=args.calibration, device=args.device, seed=args.seed,
+                    isotope=args.isotope, photopeaks=args.photopeaks, calibration_cps_per_MBq=number, calibration_name=name, device=args.device, seed=args.seed,
                     formats=tuple(args.formats.split(",")), name=args.name, detector_binning=args.binning,
                     projector=args.projector, overwrite=args.overwrite, acquisition_datetime=args.acquisition_datetime,
-                    injection_datetime=args.injection_datetime, injected_activity_MBq=args.injected_activity)
+                    injection_datetime=args.injection_datetime, injected_activity_MBq=args.injected_activity,
+                    decay_correction=getattr(args, "decay_correction", "none"))
+
+
+def _calibration(text: str | None) -> tuple[float | None, str | None]:
+    """--calibration is a sensitivity in cps/MBq or the name of a stored calibration."""
+    if text is None:
+        return None, None
+    try:
+        return float(text), None
+    except ValueError:
+        return None, text
 
 
 def _method_params(args) -> dict:
@@ -115,6 +127,36 @@ def _print_files(files: dict, unit: str) -> None:
     print(f"Wrote ({unit}):")
     for kind, path in files.items():
         print(f"  {kind:10s} {path}")
+
+
+def command_calibrate(args) -> int:
+    from dataclasses import replace
+
+    from .calibrate import calibrate
+
+    settings = replace(_settings(args, _method_params(args)), name=None)  # --name names the calibration, not the image
+    with _progress_bar() as events:
+        result = calibrate(args.nm, args.ct, settings, args.out, args.name,
+                           args.activity, args.activity_datetime, events)
+    record = result["calibration"]
+    print(f"Sensitivity {record['cps_per_MBq']:.4g} cps/MBq ({record['isotope']}, {record['collimator']}, "
+          f"{record['method']}), stored as '{record['name']}' in {result['store']}; use it with --calibration '{record['name']}'.")
+    _print_files(result["files"], result["unit"])
+    return 0
+
+
+def command_calibrations(args) -> int:
+    from .io.calibrations import store_path, stored_calibrations
+
+    records = stored_calibrations()
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return 0
+    print(f"Calibrations in {store_path()}:" if records else f"No calibration is stored yet ({store_path()}).")
+    for name, record in sorted(records.items()):
+        print(f"  {name}: {record['cps_per_MBq']:.4g} cps/MBq, {record.get('isotope')} {record.get('collimator')}, "
+              f"{record.get('method')}, measured {record.get('created')}")
+    return 0
 
 
 def command_run_job(args) -> int:
@@ -256,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("--iterations", type=int)
     recon.add_argument("--subsets", type=int)
     recon.add_argument("--param", action="append", metavar="NAME=VALUE", help="other method parameters, e.g. beta=0.3")
-    recon.add_argument("--calibration", type=float, metavar="CPS_PER_MBQ", help="sensitivity (cps/MBq) for an image in Bq/mL")
+    recon.add_argument("--calibration", metavar="CPS_PER_MBQ|NAME",
+                       help="sensitivity for an image in Bq/mL: a number of cps/MBq or a name stored by `sspect calibrate`")
     recon.add_argument("--device", default="auto", help="auto, cpu or cuda")
     recon.add_argument("--seed", type=int, default=0)
     recon.add_argument("--binning", type=int, default=1,
@@ -270,9 +313,35 @@ def build_parser() -> argparse.ArgumentParser:
     dosimetry.add_argument("--acquisition-datetime", metavar="ISO", help="e.g. 2024-03-01T10:30:00, for a file that lacks it")
     dosimetry.add_argument("--injection-datetime", metavar="ISO", help="e.g. 2024-02-28T09:00:00")
     dosimetry.add_argument("--injected-activity", type=float, metavar="MBQ", help="injected activity in MBq")
+    dosimetry.add_argument("--decay-correction", default="none", metavar="WHEN",
+                           help="none (default: the mean over the acquisition), start (at the acquisition start) or injection")
     recon.add_argument("--out", required=True, help="output folder")
     _add_study_options(recon)
     recon.set_defaults(func=command_reconstruct)
+
+    cal = sub.add_parser("calibrate", help="measure the sensitivity (cps/MBq) on a phantom of known activity and store it by name")
+    cal.add_argument("--nm", required=True, help="the phantom's NM TOMO projection file")
+    cal.add_argument("--ct", help="the phantom's CT series folder (attenuation correction, as for patients)")
+    cal.add_argument("--activity", required=True, type=float, metavar="MBQ", help="the phantom's activity in MBq (dose calibrator)")
+    cal.add_argument("--activity-datetime", metavar="ISO", help="when it was measured (default: at the acquisition start)")
+    cal.add_argument("--acquisition-datetime", metavar="ISO", help="for a file that lacks it")
+    cal.add_argument("--name", required=True, help="the name the sensitivity is stored under, e.g. 'GE670 MEGP 177Lu'")
+    cal.add_argument("--overwrite", action="store_true", help="replace a calibration of the same name")
+    cal.add_argument("--method", default="osem", help="reconstruct as the patient studies will be (default osem)")
+    cal.add_argument("--iterations", type=int)
+    cal.add_argument("--subsets", type=int)
+    cal.add_argument("--param", action="append", metavar="NAME=VALUE")
+    cal.add_argument("--device", default="auto")
+    cal.add_argument("--seed", type=int, default=0)
+    cal.add_argument("--projector", default="fast")
+    cal.add_argument("--out", required=True, help="folder for the phantom's reconstructed image, to check it")
+    cal.set_defaults(func=command_calibrate, binning=1, formats="nrrd",
+                     injection_datetime=None, injected_activity=None)
+    _add_study_options(cal)
+
+    stored = sub.add_parser("calibrations", help="list the calibrations stored by `sspect calibrate`")
+    stored.add_argument("--json", action="store_true")
+    stored.set_defaults(func=command_calibrations)
 
     job = sub.add_parser("run-job", help="run a job file, printing one JSON event per line (the Slicer module's door)")
     job.add_argument("job")

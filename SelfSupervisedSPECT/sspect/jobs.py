@@ -9,6 +9,7 @@ Job file (JSON)::
      "method": "osem", "params": {"iterations": 4, "subsets": 6},
      "windows": {"peak": null, "lower": null, "upper": null},   # index, "low-high" keV, "none"
      "collimator": null, "calibration_cps_per_MBq": null,
+     "calibration": null,                    # or the name of a sensitivity stored by `sspect calibrate`
      "isotope": null,                        # optional: "177Lu", "99mTc", "111In", "131I"; null: from the file
      "photopeaks": null,                     # optional: keV list such as [113, 208]; null: the isotope's default
      "device": "auto", "seed": 0, "formats": ["nrrd", "dicom"],
@@ -16,8 +17,14 @@ Job file (JSON)::
      "overwrite": false,                     # true: a given name that is taken is replaced (else refused)
      "acquisition_datetime": null,           # ISO, for a file that lacks it; the next two win over the file's
      "injection_datetime": null, "injected_activity_MBq": null,
+     "decay_correction": "none",             # "start": to the acquisition start, "injection": to the injection
      "detector_binning": 1,                  # optional: 2 sums 2x2 detector pixels (one bed)
      "projector": "fast"}                    # optional: "pytomography" for PyTomography's own (reference) model
+
+A calibrate job (``"task": "calibrate"``) takes one phantom file in ``nm`` and
+``"phantom": {"name": ..., "activity_MBq": ..., "activity_datetime": ISO or null}``; it
+reconstructs the phantom in counts, stores the measured sensitivity under that name, and its
+result event adds ``"calibration"`` (the record) and ``"store"`` (the file).
 
 The ``Job`` model below is the schema: the keys above and no others, each of its JSON type
 (strict: "4" is not 4, true is not 1; ``nm`` is a list even for one bed), ``version`` the number 1,
@@ -45,7 +52,7 @@ import json
 import math
 import sys
 import traceback
-from typing import Annotated, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -71,6 +78,15 @@ class Windows(BaseModel):
     upper: Union[int, str, None] = Field(None, description='a window index, a keV range such as "229-250", "none" or null')
 
 
+class Phantom(BaseModel):
+    """A calibration job's phantom: its activity and the name its sensitivity is stored under."""
+
+    model_config = STRICT
+    name: Text = Field(description="the calibration's name, such as \"GE670 MEGP 177Lu\"")
+    activity_MBq: float = Field(description="a number of MBq")
+    activity_datetime: Optional[str] = Field(None, description='an ISO date and time such as "2024-03-01T09:00:00" or null')
+
+
 class Job(BaseModel):
     """The job file's keys and JSON types; value ranges are the pipeline's to check (check_settings).
 
@@ -81,6 +97,8 @@ class Job(BaseModel):
     model_config = STRICT
     # a strict int in 1..1, not Literal[1]: pydantic's Literal[1] takes true and 1.0 even when strict
     version: int = Field(JOB_VERSION, ge=JOB_VERSION, le=JOB_VERSION, description=f"the number {JOB_VERSION}")
+    task: Literal["reconstruct", "calibrate"] = Field("reconstruct", description='"reconstruct" or "calibrate"')
+    phantom: Optional[Phantom] = Field(None, description="an object with the keys name, activity_MBq and activity_datetime (a calibrate job's)")
     nm: list[Text] = Field(min_length=1, description='a list of NM projection files, one per bed, such as ["/data/bed1.dcm"]')
     ct: Union[Text, Annotated[list[Text], Field(min_length=1)], None] = Field(
         None, description="a CT folder, a list of CT files or null")
@@ -94,6 +112,7 @@ class Job(BaseModel):
     photopeaks: Optional[Annotated[list[float], Field(min_length=1)]] = Field(
         None, description="a list of keV values such as [113, 208] or null")
     calibration_cps_per_MBq: Optional[float] = Field(None, description="a number of counts per second per MBq or null")
+    calibration: Optional[str] = Field(None, description="the name of a calibration stored by `sspect calibrate`, or null")
     device: str = Field("auto", description='"auto", "cpu" or "cuda"')
     seed: int = Field(0, description="a whole number")
     formats: list[str] = Field(default_factory=lambda: list(Settings.formats), description='a list of names such as ["nrrd", "dicom"]')
@@ -104,10 +123,11 @@ class Job(BaseModel):
     acquisition_datetime: Optional[str] = Field(None, description='an ISO date and time such as "2024-03-01T10:30:00" or null')
     injection_datetime: Optional[str] = Field(None, description='an ISO date and time such as "2024-02-28T09:00:00" or null')
     injected_activity_MBq: Optional[float] = Field(None, description="a number of MBq or null")
+    decay_correction: str = Field("none", description='"none", "start" or "injection"')
 
 
 JOB_KEYS = frozenset(Job.model_fields)
-MODELS = {(): Job, ("windows",): Windows}  # where in a job an object has keys of its own
+MODELS = {(): Job, ("windows",): Windows, ("phantom",): Phantom}  # where in a job an object has keys of its own
 # words for what pydantic wanted inside a key (a key's own words are its description)
 TYPE_WORDS = {"int_type": "a whole number", "float_type": "a number", "string_type": "a string", "bool_type": "true or false",
               "list_type": "a list", "string_too_short": "a non-empty string"}
@@ -277,11 +297,28 @@ def settings_from_job(job: Job) -> Settings:
         method=job.method, params=dict(job.params),
         peak_window=windows.peak, lower_window=windows.lower, upper_window=windows.upper,
         collimator=job.collimator, isotope=job.isotope, photopeaks=tuple(job.photopeaks) if job.photopeaks else None,
-        calibration_cps_per_MBq=job.calibration_cps_per_MBq, device=job.device, seed=job.seed,
+        calibration_cps_per_MBq=job.calibration_cps_per_MBq, calibration_name=job.calibration, device=job.device, seed=job.seed,
         formats=tuple(job.formats) or Settings.formats, name=job.name,
         detector_binning=job.detector_binning, projector=job.projector, overwrite=job.overwrite,
         acquisition_datetime=job.acquisition_datetime, injection_datetime=job.injection_datetime,
-        injected_activity_MBq=job.injected_activity_MBq)
+        injected_activity_MBq=job.injected_activity_MBq, decay_correction=job.decay_correction)
+
+
+def _run_task(job: Job, events: Events) -> dict:
+    if job.task == "reconstruct":
+        if job.phantom is not None:
+            raise SSPECTError("The job's 'phantom' belongs to a calibrate job; remove it or set 'task' to \"calibrate\".")
+        return run(job.nm, job.ct, settings_from_job(job), job.output_dir, events)
+    from .calibrate import calibrate
+
+    if job.phantom is None:
+        raise SSPECTError("A calibrate job needs 'phantom', an object with the keys name, activity_MBq and activity_datetime.")
+    if len(job.nm) != 1:
+        raise SSPECTError(f"A calibrate job takes one phantom projection file in 'nm', not {len(job.nm)}.")
+    if job.calibration is not None or job.calibration_cps_per_MBq is not None:
+        raise SSPECTError("A calibrate job measures the sensitivity; remove 'calibration' and 'calibration_cps_per_MBq'.")
+    return calibrate(job.nm[0], job.ct, settings_from_job(job), job.output_dir, job.phantom.name,
+                     job.phantom.activity_MBq, job.phantom.activity_datetime, events)
 
 
 def run_job(path, stream=None) -> int:
@@ -297,7 +334,7 @@ def run_job(path, stream=None) -> int:
         try:
             job = read_job(path)
             emit({"event": "start", "job": job.model_dump(exclude_unset=True)})
-            result = run(job.nm, job.ct, settings_from_job(job), job.output_dir, Events(emit))
+            result = _run_task(job, Events(emit))
             emit({"event": "result", **result})
             return 0
         except SSPECTError as error:

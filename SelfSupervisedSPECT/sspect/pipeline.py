@@ -11,16 +11,18 @@ import platform
 import re
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__
+from .decay import DecayCorrection, acquisition_duration_s, check_mode, decay_correction
 from .errors import SSPECTError
+from .io.calibrations import check_calibration_name, find_calibration
 from .io.ct import CTSeries, check_ct_matches, mu_volume, read_ct_series, resample
-from .io.nm import ProjectionStudy, bin_detector, read_projections
+from .io.nm import ProjectionStudy, acquisition_start, bin_detector, injected_activity_MBq, injection_start, read_projections
 from .io.windows import NONE_WORDS, WindowChoice, choose_windows
 from .methods import Events, get_method
 from .physics.collimators import Collimator, detect_collimator, get_collimator, serving_warning
@@ -47,6 +49,7 @@ class Settings:
     isotope: str | None = None  # a name or alias; None: from the file
     photopeaks: str | tuple | None = None  # keV values such as "113,208"; None: the isotope's default
     calibration_cps_per_MBq: float | None = None
+    calibration_name: str | None = None  # a sensitivity stored by `sspect calibrate`, used instead of a number
     device: str = "auto"
     seed: int = 0
     formats: tuple = ("nrrd", "dicom")
@@ -57,6 +60,7 @@ class Settings:
     acquisition_datetime: str | None = None  # ISO 8601; for a file that lacks it (de-identified)
     injection_datetime: str | None = None  # ISO 8601; wins over the file's
     injected_activity_MBq: float | None = None  # wins over the file's
+    decay_correction: str = "none"  # "start": to the acquisition start; "injection": to the injection
 
 
 @dataclass
@@ -67,6 +71,7 @@ class Study:
     peaks: list[WindowChoice]  # one per photopeak reconstructed, the main one first
     collimator: Collimator
     warnings: list[str]
+    decay: DecayCorrection
 
 
 def check_settings(settings: Settings) -> None:
@@ -86,6 +91,10 @@ def check_settings(settings: Settings) -> None:
     calibration = settings.calibration_cps_per_MBq
     if calibration is not None and not (isinstance(calibration, (int, float)) and math.isfinite(calibration) and calibration > 0):
         raise SSPECTError(f"The calibration factor must be a positive finite number of counts per second per MBq, not {calibration!r}.")
+    if settings.calibration_name is not None:
+        check_calibration_name(settings.calibration_name)
+        if calibration is not None:
+            raise SSPECTError("Give the sensitivity as a number or as a stored calibration's name, not both.")
     if isinstance(settings.detector_binning, bool) or settings.detector_binning not in range(1, 9):
         raise SSPECTError(f"The detector binning must be a whole number from 1 to 8, not {settings.detector_binning!r}.")
     if isinstance(settings.seed, bool) or not isinstance(settings.seed, int) or settings.seed not in SEED_RANGE:
@@ -99,6 +108,7 @@ def check_settings(settings: Settings) -> None:
                 datetime.fromisoformat(str(value))
             except ValueError:
                 raise SSPECTError(f"The {key.replace('_', ' ')} {value!r} is not a date and time; give it as 2024-03-01T10:30:00.") from None
+    check_mode(settings.decay_correction)
     activity = settings.injected_activity_MBq
     if activity is not None and not (isinstance(activity, (int, float)) and math.isfinite(activity) and activity > 0):
         raise SSPECTError(f"The injected activity must be a positive finite number of MBq, not {activity!r}.")
@@ -179,6 +189,8 @@ def load_study(nm_paths, ct_source=None, settings: Settings | None = None) -> St
             warnings.append("The scatter windows were switched off; the image is not scatter corrected." if switched_off
                             else f"No scatter window was found next to the {windows.photopeak_keV:g} keV photopeak; it is not scatter corrected.")
     warnings += dosimetry_warnings(first, settings)
+    decay = decay_correction(settings.decay_correction, beds, isotope.half_life_s,
+                             settings.acquisition_datetime, settings.injection_datetime)
     collimator = get_collimator(settings.collimator) if settings.collimator else detect_collimator(first.manufacturer, first.collimator)
     warnings += [w for w in [serving_warning(collimator, isotope)] if w]
     ct = None
@@ -189,20 +201,35 @@ def load_study(nm_paths, ct_source=None, settings: Settings | None = None) -> St
             warnings += check_ct_matches(ct, bed, peaks[0].peak.index)
     else:
         warnings.append("No CT was given; the image is not attenuation corrected.")
-    return Study(beds, ct, isotope, peaks, collimator, sorted(set(warnings)))
+    return Study(beds, ct, isotope, peaks, collimator, sorted(set(warnings)), decay)
+
+
+def with_stored_calibration(study: Study, settings: Settings) -> Settings:
+    """The settings with the named calibration's sensitivity, refused for a study it was not measured for."""
+    if settings.calibration_name is None:
+        return settings
+    record = find_calibration(settings.calibration_name)
+    photopeaks = [w.photopeak_keV for w in study.peaks]
+    measured = {"isotope": (record.get("isotope"), study.isotope.name), "collimator": (record.get("collimator"), study.collimator.name),
+                "photopeaks": (record.get("photopeaks_keV"), photopeaks)}
+    for what, (stored, here) in measured.items():
+        if stored != here:
+            raise SSPECTError(f"The calibration '{record['name']}' was measured for the {what} {stored}, this study has {here}; "
+                              "use a calibration measured for it.")
+    if record.get("method") != settings.method:
+        study.warnings.append(f"The calibration '{record['name']}' was measured with {record.get('method')}, this image uses "
+                              f"{settings.method}; their quantification can differ, so check it on the phantom.")
+    return replace(settings, calibration_cps_per_MBq=float(record["cps_per_MBq"]))
 
 
 def dosimetry_warnings(bed: ProjectionStudy, settings: Settings) -> list[str]:
     """What a dosimetry tool needs from the image's DICOM and neither the file nor the settings give."""
-    header = bed.header
-    drug = (header.get("RadiopharmaceuticalInformationSequence") or [None])[0]
     missing = []
-    if not header.get("AcquisitionDate") and not settings.acquisition_datetime:
+    if acquisition_start(bed.header) is None and not settings.acquisition_datetime:
         missing.append("acquisition date and time (--acquisition-datetime)")
-    if not (drug is not None and drug.get("RadiopharmaceuticalStartDateTime")) and not settings.injection_datetime:
+    if injection_start(bed.header) is None and not settings.injection_datetime:
         missing.append("injection date and time (--injection-datetime)")
-    dose = drug.get("RadionuclideTotalDose") if drug is not None else None
-    if not (dose not in (None, "") and float(dose) > 0) and settings.injected_activity_MBq is None:
+    if injected_activity_MBq(bed.header) is None and settings.injected_activity_MBq is None:
         missing.append("injected activity (--injected-activity)")
     if not missing:
         return []
@@ -294,9 +321,9 @@ def reconstruct_study(study: Study, settings: Settings, events: Events | None = 
             raise SSPECTError(f"The {problem.device} ran out of memory; choose the CPU device or close other GPU programs.") from None
         except MemoryError:
             raise SSPECTError("The computer ran out of memory; close other programs or use a machine with more memory.") from None
-        images.append(result.image)
+        images.append(result.image * study.decay.factors[number])
         infos.append(result.info)
-        uncertainties.append(result.uncertainty)
+        uncertainties.append(None if result.uncertainty is None else result.uncertainty * study.decay.factors[number])
     image, affine = _stitch(images, study.beds)
     volume = Volume((image * scale).astype(np.float32), first.object_spacing_mm, tuple(affine[:3, 3]), np.eye(3), unit)
     if all(u is not None for u in uncertainties):  # SDs stitched like images: exact outside the beds' overlap
@@ -312,7 +339,9 @@ def reconstruct_study(study: Study, settings: Settings, events: Events | None = 
         "collimator": study.collimator.name, "collimator_code": study.collimator.code,
         "corrections": ["attenuation"] * bool(study.ct) + ["scatter"] * any(w.scatter_method != "none" for w in study.peaks)
         + ["collimator_detector_response"],
-        "calibration_cps_per_MBq": settings.calibration_cps_per_MBq, "detector_binning": settings.detector_binning,
+        "calibration_cps_per_MBq": settings.calibration_cps_per_MBq, "calibration_name": settings.calibration_name,
+        "detector_binning": settings.detector_binning,
+        "decay_correction": study.decay.provenance(),
         "uncertainty": volume.uncertainty is not None,
         "frame_duration_s": first.frame_duration_s,
         "inputs": {"nm": [bed.path for bed in study.beds], "ct_series_uid": study.ct.series_uid if study.ct else None,
@@ -343,6 +372,27 @@ def _stitch(images, beds):
     stacked = torch.stack([torch.from_numpy(i) for i in images]).to(pytomography.device)
     stitched = stitch_multibed(stacked, [bed.path for bed in beds])
     return stitched.cpu().numpy(), beds[0].affine
+
+
+def slice_decay_factors(study: Study, n_slices: int) -> list[float]:
+    """The factor of each axial slice of the stitched image: that of the bed the stitching took it from."""
+    factors = study.decay.factors
+    if len(set(factors)) == 1:
+        return [factors[0]] * n_slices
+    shape = study.beds[0].object_shape
+    weighted, total = np.zeros(n_slices), np.zeros(n_slices)
+    for number, factor in enumerate(factors):  # each bed's share of every slice, stitched as the images are
+        share = _stitch([np.full(shape, float(n == number), dtype=np.float32) for n in range(len(factors))], study.beds)[0].astype(np.float64)
+        weighted += share[0, 0, :] * factor
+        total += share[0, 0, :]
+    covering = np.array([_bed_of_slice(study, k) for k in range(n_slices)])  # the end slices the stitching blanks
+    return [float(v) for v in np.where(total > 0, weighted / np.maximum(total, 1e-12), np.asarray(factors)[covering])]
+
+
+def _bed_of_slice(study: Study, k: int) -> int:
+    z = study.beds[0].affine[2, 3] + k * study.beds[0].object_spacing_mm[2]
+    starts = [bed.affine[2, 3] for bed in study.beds]
+    return max([n for n, start in enumerate(starts) if start <= z + 1e-6] or [0])
 
 
 def _window_dict(window):
@@ -447,9 +497,10 @@ def _write_set(volume: Volume, provenance: dict, study: Study, settings: Setting
             "reconstruction_method": f"{provenance['method_title']} ({', '.join(f'{k}={v}' for k, v in provenance['params'].items())})",
             "corrections": provenance["corrections"], "radionuclide": study.isotope.radionuclide_metadata(),
             "frame_of_reference_uid": (study.ct.frame_of_reference_uid if study.ct else "") or first.frame_of_reference_uid,
+            "decay_correction": study.decay.dicom_term, "decay_factor": slice_decay_factors(study, volume.array.shape[2]),
             **{key: getattr(settings, key) for key in ("acquisition_datetime", "injection_datetime", "injected_activity_MBq")
                if getattr(settings, key) is not None},
-            "acquisition_duration_s": first.frame_duration_s * first.n_views / max(first.n_detectors, 1)},
+            "acquisition_duration_s": acquisition_duration_s(first)},
             series_description=f"sspect {name} [{volume.unit}]")
     write_preview(volume, ct_on_grid(study, volume), place("preview", f"{name}_preview.png"), f"{provenance['method_title']} [{volume.unit}]")
     provenance_path = place("provenance", f"{name}_provenance.json")
@@ -470,6 +521,7 @@ def run(nm_paths, ct_source, settings: Settings, out_dir, events: Events | None 
     if settings.name is not None:
         check_name_free(out, settings.name, overwrite=settings.overwrite)
     study = load_study(nm_paths, ct_source, settings)
+    settings = with_stored_calibration(study, settings)
     check_room(out, study, settings)
     for warning in study.warnings:
         events.emit("warning", message=warning)

@@ -73,6 +73,13 @@ def write_report(path: Path, provenance: dict, volume: Volume, files: dict, stud
     else:
         lines.append(f"- total of the image: {total:.4g} counts (per view); give a calibration factor for Bq/mL")
     lines.append(f"- maximum voxel: {float(volume.array.max()):.4g} {volume.unit}")
+    decay = provenance.get("decay_correction") or {"mode": "none"}
+    if decay["mode"] == "none":
+        lines.append("- decay correction: none (the mean activity over the acquisition)")
+    else:
+        moment = "the acquisition start" if decay["mode"] == "start" else "the injection"
+        lines.append(f"- decay corrected to {moment} ({decay['reference_datetime'] or 'date unknown'}): "
+                     f"factor {', '.join(f'{f:.5g}' for f in decay['factors_per_bed'])} (per bed)")
     if truth:
         lines += ["", "## Against the simulated truth"] + [f"- {k}: {v}" for k, v in truth.items()]
     if provenance["warnings"]:

@@ -1,14 +1,18 @@
 """Acquisition and injection date-time and injected activity: from the NM file when it has them, given when not, warned when missing."""
 import io
 import json
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+import SimpleITK
 
 from cli_outcomes import assert_refused, run_cli
 from sspect.jobs import run_job
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
@@ -68,5 +72,57 @@ def test_inputs_given_in_a_job_reach_the_dicom(small_study, tmp_path, deidentifi
 ])
 def test_bad_inputs_are_refused_in_one_sentence(capsys, tmp_path, small_study, option, value, words):
     code, stderr = run_cli(capsys, "reconstruct", "--nm", small_study["nm"], "--out", tmp_path / "out", option, value)
+    assert_refused(code, stderr, *words)
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+LU177_HALF_LIFE_S = 6.647 * 86400  # NNDC, independent of the engine's isotope table
+
+
+def _moment(date: str, time: str) -> datetime:
+    return datetime.strptime(date + time.split(".")[0], "%Y%m%d%H%M%S")
+
+
+def test_decay_correction_scales_by_the_decay_and_says_so_in_the_dicom(capsys, tmp_path, small_study):
+    header = pydicom.dcmread(small_study["nm"], stop_before_pixels=True)
+    acquired = _moment(header.AcquisitionDate, header.AcquisitionTime)
+    injected = datetime.strptime(header.RadiopharmaceuticalInformationSequence[0].RadiopharmaceuticalStartDateTime[:14], "%Y%m%d%H%M%S")
+    duration = float(header.RotationInformationSequence[0].ActualFrameDuration) / 1000 * int(header.NumberOfFrames) / len(header.EnergyWindowInformationSequence) / len(header.DetectorInformationSequence)
+    decayed = np.log(2) * duration / LU177_HALF_LIFE_S
+    to_start = decayed / (1 - np.exp(-decayed))  # activity at the start over the mean during the acquisition
+    expected = {"start": to_start, "injection": to_start * 2 ** ((acquired - injected).total_seconds() / LU177_HALF_LIFE_S)}
+    images = {}
+    for mode in ("none", "start", "injection"):
+        code, stderr = run_cli(capsys, "reconstruct", "--nm", small_study["nm"], "--ct", small_study["ct"], "--out", tmp_path,
+                               "--iterations", "1", "--subsets", "2", "--calibration", "9", "--decay-correction", mode, "--name", mode)
+        assert code == 0, stderr
+        provenance = json.loads((tmp_path / mode / f"{mode}_provenance.json").read_text())
+        images[mode] = SimpleITK.GetArrayFromImage(SimpleITK.ReadImage(provenance["files"]["nrrd"])).astype(np.float64)
+        ds = _first_slice(provenance["files"])
+        assert ds.DecayCorrection == {"none": "NONE", "start": "START", "injection": "ADMIN"}[mode]
+        assert ("DECY" in ds.CorrectedImage) == (mode != "none")
+        assert provenance["decay_correction"]["mode"] == mode
+        if mode != "none":
+            assert float(ds.DecayFactor) == pytest.approx(expected[mode], rel=1e-6)
+    assert provenance["decay_correction"]["reference_datetime"] == injected.isoformat()
+    hot = images["none"] > 0.1 * images["none"].max()
+    for mode in ("start", "injection"):
+        assert np.median(images[mode][hot] / images["none"][hot]) == pytest.approx(expected[mode], rel=1e-5)
+
+
+def test_decay_correction_to_the_injection_needs_its_date(capsys, tmp_path, deidentified_nm):
+    code, stderr = run_cli(capsys, "reconstruct", "--nm", deidentified_nm, "--out", tmp_path / "out",
+                           "--acquisition-datetime", "2024-03-01T10:30:00", "--decay-correction", "injection")
+    assert_refused(code, stderr, "injection date and time", "--injection-datetime")
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("options, words", [
+    (["--decay-correction", "admin"], ["decay correction", "none, start, injection"]),
+    (["--decay-correction", "injection", "--injection-datetime", "2030-01-01T00:00:00"], ["after the acquisition start"]),
+    (["--decay-correction", "injection", "--injection-datetime", "1990-01-01T00:00:00"], ["half-lives", "check the dates"]),
+])
+def test_impossible_decay_corrections_are_refused(capsys, tmp_path, small_study, options, words):
+    code, stderr = run_cli(capsys, "reconstruct", "--nm", small_study["nm"], "--out", tmp_path / "out", *options)
     assert_refused(code, stderr, *words)
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []

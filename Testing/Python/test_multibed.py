@@ -11,14 +11,16 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+from datetime import datetime, timedelta
 
 import numpy as np
+import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
 from sspect.errors import SSPECTError
 from sspect.methods import Events
-from sspect.pipeline import Settings, load_study, reconstruct_study
+from sspect.pipeline import Settings, load_study, reconstruct_study, slice_decay_factors
 from sspect.physics.isotopes import LUTETIUM_177
 from sspect.sim.acquisition import simulate_projections
 from sspect.sim.dicom_writer import write_ct_series, write_nm_tomo
@@ -173,3 +175,31 @@ def test_beds_of_different_studies_are_refused(two_beds):
     assert "\n" not in message and message.endswith("."), message
     assert not re.search(r"[.;:!?]\s+[A-Z]", message[:-1]), f"more than one sentence: {message}"
     assert "same study" in message and "bed2.dcm" in message
+
+
+def test_each_bed_is_decay_corrected_to_the_first_beds_start(two_beds, tmp_path):
+    """Bed 2 acquired 2 days after bed 1 (an exaggeration that makes the blend measurable) carries
+    2^(2 d / T1/2) more; the slices only bed 2 sees say so, those of the overlap lie between."""
+    later = tmp_path / "bed2.dcm"
+    ds = pydicom.dcmread(two_beds["beds"][1])
+    ds.AcquisitionDate = (datetime.strptime(ds.AcquisitionDate, "%Y%m%d") + timedelta(days=2)).strftime("%Y%m%d")
+    ds.save_as(later)
+    with contextlib.redirect_stdout(io.StringIO()):
+        study = load_study([two_beds["beds"][0], later], two_beds["ct"], Settings(device="cpu", decay_correction="start"))
+    first, second = study.decay.factors
+    assert second / first == pytest.approx(2 ** (2 / 6.647), rel=1e-9)  # 177Lu, NNDC
+    per_slice = np.array(slice_decay_factors(study, SHAPE[2]))
+    assert np.allclose(per_slice[:BED_STARTS[1]], first) and np.allclose(per_slice[BED_SLICES:], second)
+    overlap = per_slice[BED_STARTS[1]:BED_SLICES]
+    assert np.all((overlap >= first - 1e-9) & (overlap <= second + 1e-9)) and overlap.max() > overlap.min()
+
+
+def test_decay_correction_of_beds_without_times_is_refused(two_beds, tmp_path):
+    undated = []
+    for number, bed in enumerate(two_beds["beds"]):
+        ds = pydicom.dcmread(bed)
+        ds.AcquisitionDate = ""
+        ds.save_as(tmp_path / f"bed{number + 1}.dcm")
+        undated.append(tmp_path / f"bed{number + 1}.dcm")
+    with pytest.raises(SSPECTError, match="each bed's acquisition date and time"), contextlib.redirect_stdout(io.StringIO()):
+        load_study(undated, two_beds["ct"], Settings(device="cpu", decay_correction="start"))

@@ -31,6 +31,7 @@ from .. import __version__
 from ..atomic import atomic_directory
 from ..errors import SSPECTError
 from ..volume import Volume
+from .nm import injected_activity_MBq
 from .volume_files import three_dimensional_array
 
 # Volume.unit (lower case) -> DICOM Units (0054,1001), and back.
@@ -56,7 +57,7 @@ METADATA_KEYS = {
     "corrections": f"list of {sorted(CORRECTION_TERMS)}: CorrectedImage (those with a defined term)",
     "frame_of_reference_uid": "str: the frame the image lies in (the CT's when it was used; default: the NM's)",
     "decay_correction": "'NONE' (default), 'START' or 'ADMIN': DecayCorrection; adds DECY to CorrectedImage",
-    "decay_factor": "float, required when decay_correction is not 'NONE': DecayFactor",
+    "decay_factor": "float, or one per axial slice, required when decay_correction is not 'NONE': DecayFactor",
     "acquisition_datetime": "datetime or ISO string: the dates/times the reference NM lacks",
     "acquisition_duration_s": "float, whole acquisition (all views): ActualFrameDuration",
     "radionuclide": f"mapping with {', '.join(RADIONUCLIDE_KEYS)} (default: the reference NM's code and half-life)",
@@ -178,9 +179,9 @@ def _radiopharmaceutical_item(metadata: Mapping, reference: Dataset) -> Dataset:
         for keyword in ("Radiopharmaceutical", "RadiopharmaceuticalStartTime", "RadiopharmaceuticalStartDateTime"):
             if source.get(keyword, None) not in (None, ""):
                 setattr(item, keyword, source.get(keyword))
-        dose = source.get("RadionuclideTotalDose", None)
-        if dose not in (None, "") and float(dose) > 0:  # scanners write 0 for "not entered"
-            item.RadionuclideTotalDose = DS(float(dose) * 1e6, auto_format=True)  # NM states MBq, PET Bq
+        dose = injected_activity_MBq(reference)
+        if dose is not None:
+            item.RadionuclideTotalDose = DS(dose * 1e6, auto_format=True)  # NM states MBq, PET Bq
     if "radiopharmaceutical" in metadata:
         item.Radiopharmaceutical = _long_string(metadata["radiopharmaceutical"])
     if "injected_activity_MBq" in metadata:
@@ -198,6 +199,17 @@ def _radiopharmaceutical_item(metadata: Mapping, reference: Dataset) -> Dataset:
         item.RadionuclideCodeSequence = [code]
         item.RadionuclideHalfLife = DS(nuclide["half_life_s"], auto_format=True)
     return item
+
+
+def _decay_factors(metadata: Mapping, n_slices: int) -> list[DS] | None:
+    """DecayFactor per slice (beds acquired one after another decay by different amounts)."""
+    if metadata.get("decay_correction", "NONE") == "NONE":
+        return None
+    given = metadata["decay_factor"]
+    factors = [given] * n_slices if np.ndim(given) == 0 else list(given)
+    if len(factors) != n_slices or not all(np.isfinite(float(f)) and float(f) > 0 for f in factors):
+        raise SSPECTError(f"metadata['decay_factor'] must be one positive number or one per slice ({n_slices}), not {given!r}.")
+    return [DS(float(f), auto_format=True) for f in factors]
 
 
 def _slice_scaling(array: np.ndarray) -> tuple[np.ndarray, list[DS]]:
@@ -294,8 +306,6 @@ def _series_template(
     corrections = [CORRECTION_TERMS[name] for name in metadata.get("corrections", ()) if CORRECTION_TERMS[name]]
     ds.CorrectedImage = corrections + (["DECY"] if decay != "NONE" else [])
     ds.DecayCorrection = decay
-    if decay != "NONE":
-        ds.DecayFactor = DS(float(metadata["decay_factor"]), auto_format=True)
     ds.CollimatorType = ""
     if method:
         ds.ReconstructionMethod = _long_string(method)
@@ -354,6 +364,7 @@ def write_dicom_series(
     reference = _read_reference(reference_nm_path) if reference_nm_path is not None else Dataset()
     template = _series_template(volume, reference, metadata, series_description, series_number)
     pixels, slopes = _slice_scaling(array)
+    decay_factors = _decay_factors(metadata, array.shape[2])
     slice_step = direction[:, 2] * float(volume.spacing[2])
     normal = np.cross(direction[:, 0], direction[:, 1])
 
@@ -368,6 +379,8 @@ def write_dicom_series(
             ds.ImagePositionPatient = [DS(v, auto_format=True) for v in position]
             ds.SliceLocation = DS(float(position @ normal), auto_format=True)
             ds.RescaleSlope = slopes[k]
+            if decay_factors is not None:
+                ds.DecayFactor = decay_factors[k]
             ds.PixelData = np.ascontiguousarray(pixels[:, :, k].T).tobytes()
             ds.file_meta = FileMetaDataset()
             ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID

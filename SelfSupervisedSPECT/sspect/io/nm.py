@@ -9,12 +9,14 @@ views and arc disagree, frame counts that disagree with the pixel data, signed o
 """
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.valuerep import DA, DT, TM
 
 from ..errors import SSPECTError
 
@@ -203,6 +205,43 @@ def _radionuclide_code(ds: pydicom.Dataset) -> str:
         for code in drug.get("RadionuclideCodeSequence") or []:
             return str(code.get("CodeValue", "")).strip()
     return ""
+
+
+def acquisition_start(header: pydicom.Dataset) -> dt.datetime | None:
+    """When the acquisition began (Acquisition Date and Time); None when either is missing or malformed."""
+    try:
+        date, time = DA(header.get("AcquisitionDate", "") or None), TM(header.get("AcquisitionTime", "") or None)
+    except (TypeError, ValueError):
+        return None
+    if date is None or time is None:
+        return None
+    return dt.datetime.combine(dt.date(date.year, date.month, date.day),
+                               dt.time(time.hour, time.minute, time.second, time.microsecond))
+
+
+def _radiopharmaceutical(header: pydicom.Dataset):
+    return (header.get("RadiopharmaceuticalInformationSequence") or [None])[0]
+
+
+def injection_start(header: pydicom.Dataset) -> dt.datetime | None:
+    """When the radiopharmaceutical was given (its Start DateTime; a Start Time without a date is
+    ambiguous for scans days after the injection, so it counts as unknown)."""
+    drug = _radiopharmaceutical(header)
+    try:
+        moment = DT(drug.get("RadiopharmaceuticalStartDateTime", "") or None) if drug is not None else None
+    except (TypeError, ValueError):
+        return None
+    return None if moment is None else dt.datetime.fromisoformat(moment.isoformat())
+
+
+def injected_activity_MBq(header: pydicom.Dataset) -> float | None:
+    """The Radionuclide Total Dose (NM states MBq); None when absent or 0, which scanners write for "not entered"."""
+    drug = _radiopharmaceutical(header)
+    try:
+        dose = float(drug.get("RadionuclideTotalDose", None)) if drug is not None else 0.0
+    except (TypeError, ValueError):
+        return None
+    return dose if np.isfinite(dose) and dose > 0 else None
 
 
 def read_projections(path: str) -> ProjectionStudy:

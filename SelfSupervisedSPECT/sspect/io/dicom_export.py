@@ -197,6 +197,8 @@ def _radiopharmaceutical_item(metadata: Mapping, reference: Dataset) -> Dataset:
         code.CodeMeaning = nuclide["code_meaning"]
         item.RadionuclideCodeSequence = [code]
         item.RadionuclideHalfLife = DS(nuclide["half_life_s"], auto_format=True)
+    else:
+        item.RadionuclideCodeSequence = []  # Type 2: present, empty, when the radionuclide is unknown
     return item
 
 

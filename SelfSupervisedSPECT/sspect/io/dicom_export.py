@@ -198,6 +198,8 @@ def _radiopharmaceutical_item(metadata: Mapping, reference: Dataset) -> Dataset:
         code.CodeMeaning = nuclide["code_meaning"]
         item.RadionuclideCodeSequence = [code]
         item.RadionuclideHalfLife = DS(nuclide["half_life_s"], auto_format=True)
+    else:
+        item.RadionuclideCodeSequence = []  # Type 2: present, empty, when the radionuclide is unknown
     return item
 
 
@@ -256,6 +258,7 @@ def _series_template(
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
     ds.InstanceCreationDate, ds.InstanceCreationTime = _dicom_date_time(now.replace(microsecond=0))
     ds.ContentDate, ds.ContentTime = ds.InstanceCreationDate, ds.InstanceCreationTime
+    ds.ImageLaterality = "U"  # unpaired: the field of view is no one side (without it, Laterality is Type 2C required)
 
     for keyword in PATIENT_TYPE2:  # type 2: present even when the NM is de-identified
         setattr(ds, keyword, reference.get(keyword, ""))

@@ -335,8 +335,10 @@ def gpuInformation(packagesFolder):
 
 
 class SelfSupervisedSPECTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The panel. States: idle -> running -> (done | failed | idle after a cancel); Run becomes
-    Cancel while running; the engine's events are polled with a QTimer so Slicer never blocks.
+    """The panel. States: idle -> running -> (done | failed | idle after a cancel), and idle ->
+    installing -> (idle | failed) on the first Run; Run becomes Cancel while running and is disabled
+    while installing; the engine's events and the worker threads are polled with QTimers so Slicer
+    never blocks.
     """
 
     def __init__(self, parent=None):

@@ -7,7 +7,6 @@ separate process. Nothing here imports torch or pytomography at file scope, and 
 installed when the module loads or its panel is set up: the engine's packages are installed on the
 first Run, after the user agrees.
 """
-import importlib
 import importlib.util
 import json
 import logging
@@ -26,17 +25,11 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from SelfSupervisedSPECTLib import DoorError, SelfSupervisedSPECTLogicBase
+from SelfSupervisedSPECTLib import DoorError, SelfSupervisedSPECTLogicBase, background_process_options
 
 MODULE_NAME = "SelfSupervisedSPECT"
 ROLE_ATTRIBUTE = "SelfSupervisedSPECT.Role"
 ROLE_PROJECTIONS = "projections"
-
-# PyTorch comes first (through the PyTorch extension when present); Resources/requirements.txt
-# holds the engine's other packages, with the versions it needs.
-TORCH_DISTRIBUTION = "torch"
-# Packages Slicer ships: installing the engine's requirements must never replace them.
-PROTECTED_DISTRIBUTIONS = ("numpy", "SimpleITK", "requests", "torch")
 
 # Device combo box entries, in the .ui's order, as the job file names them.
 DEVICES = ("auto", "cpu", "cuda")
@@ -47,7 +40,7 @@ ISOTOPE_CHOICES = (None, "177Lu", "99mTc", "111In", "131I")  # isotopeComboBox i
 POLL_INTERVAL_MS = 150
 
 # Widget states: a small state machine (see SelfSupervisedSPECTWidget._setState).
-IDLE, RUNNING, CANCELLING, DONE, FAILED = "idle", "running", "cancelling", "done", "failed"
+IDLE, INSTALLING, RUNNING, CANCELLING, DONE, FAILED = "idle", "installing", "running", "cancelling", "done", "failed"
 
 
 #
@@ -85,8 +78,9 @@ this scan alone and stop by themselves on held-out counts. On a CPU choose <i>Gr
 GE MEGP collimator at 8.8 mm voxels: choose <i>Grid: 2x2 binned</i> for 4.4 mm detectors; other
 collimators or voxel sizes are refused. They generalise only as far as their training data: check
 them against OSEM.</p>
-<p>The first Run offers to install PyTorch (with the PyTorch extension when present) and the
-engine's other Python packages.</p>
+<p>Needs 3D Slicer 5.10 or newer. The first Run offers to install PyTorch (the CUDA build the
+NVIDIA driver runs, else the CPU build) and the engine's other Python packages into a folder that
+only the engine's process uses: Slicer's own Python packages are not changed.</p>
 <p><b>Python console:</b></p>
 <pre>
 logic = slicer.util.getModuleLogic("SelfSupervisedSPECT")
@@ -148,6 +142,63 @@ def registerDICOMPlugin():
 # Engine dependencies (installed on the first Run, never at start-up)
 #
 
+# The oldest Slicer the extension supports. The engine needs pydicom >= 3 (pytomography 3.4.0 and
+# highdicom 0.28 require it), and pydicom 3 needs Python >= 3.10. Slicer 5.6 and 5.8 ship Python
+# 3.9.10 (Slicer_REQUIRED_PYTHON_VERSION in Slicer's CMakeLists.txt); 5.10 ships 3.12.10 (Slicer
+# pull request 8466, "Upgrade from python 3.9.10 to 3.12.10").
+OLDEST_SUPPORTED_SLICER = "5.10"
+REQUIRED_PYTHON = (3, 10)
+
+# The engine's packages go into a folder of their own that only the engine's process sees (pip
+# install --target, put on that process's PYTHONPATH), never into Slicer's site-packages: the
+# requirements cannot be made compatible with what Slicer ships (pytomography 3.4.0 needs
+# pydicom >= 3.0.1, Slicer 5.10 ships pydicom 2.x and Slicer main pins pydicom 3.0.1 with
+# highdicom 0.27.0, where the engine needs highdicom >= 0.28), and asking consent would still
+# change the packages Slicer's own DICOM module imports. The folder also keeps torch out of
+# Slicer's process by construction.
+TORCH_DISTRIBUTION = "torch"
+REQUIREMENTS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "Resources", "requirements.txt")
+
+# PyTorch's wheel indexes by CUDA version (download.pytorch.org/whl/cuXYZ), oldest first. The
+# PyTorch extension's installTorch installs into Slicer's own Python and imports torch there, and
+# its getCompatibleComputationBackends pip-installs light-the-torch into Slicer's Python, so the
+# CUDA build is chosen here from the CUDA version nvidia-smi reports for the driver.
+TORCH_WHEEL_INDEX = "https://download.pytorch.org/whl/"
+TORCH_CUDA_BUILDS = ((11, 8), (12, 1), (12, 4), (12, 6), (12, 8), (13, 0))
+
+
+def unsupportedSlicerSentence(slicerVersion, pythonVersion):
+    """None when this Slicer can run the engine, else the one sentence that says which is needed
+    (``slicerVersion`` is None headless)."""
+    if tuple(pythonVersion[:2]) >= REQUIRED_PYTHON:
+        return None
+    here = f"Slicer {slicerVersion} has" if slicerVersion else "this has"
+    return (f"SelfSupervisedSPECT needs 3D Slicer {OLDEST_SUPPORTED_SLICER} or newer ({here} Python "
+            f"{pythonVersion[0]}.{pythonVersion[1]}, the engine needs {REQUIRED_PYTHON[0]}.{REQUIRED_PYTHON[1]} or newer); "
+            "install a newer Slicer from download.slicer.org.")
+
+
+def runningSlicerVersion():
+    """'major.minor' of the running Slicer app; None headless."""
+    app = getattr(slicer, "app", None)
+    return f"{app.majorVersion}.{app.minorVersion}" if app is not None else None
+
+
+def enginePackagesFolder(settingsFolder, pythonVersion):
+    """The folder of the engine's packages: per Python version, since compiled wheels are."""
+    return os.path.join(settingsFolder, MODULE_NAME, f"engine-packages-py{pythonVersion[0]}.{pythonVersion[1]}")
+
+
+def installedEnginePackagesFolder():
+    """The engine's package folder of this Slicer (beside the user settings); None headless, where
+    the engine's packages are those of the Python that runs the tests."""
+    app = getattr(slicer, "app", None)
+    if app is None:
+        return None
+    import sys
+
+    return enginePackagesFolder(os.path.dirname(app.slicerUserSettingsFilePath), sys.version_info)
+
 
 def readRequirements(path):
     """The requirement lines of a requirements.txt (comments and blank lines dropped)."""
@@ -155,45 +206,30 @@ def readRequirements(path):
         return [line.split("#", 1)[0].strip() for line in stream if line.split("#", 1)[0].strip()]
 
 
-def unmetRequirements(requirements):
-    """The requirements this Python does not satisfy (not installed, or outside the version range),
-    found from the installed distributions' metadata, without importing any of them."""
+def unmetRequirements(requirements, paths=None):
+    """The requirements the engine's process would not find satisfied: looked up in ``paths`` first,
+    then in this Python's path, as the engine's imports will be, from the distributions' metadata
+    without importing any of them."""
     import importlib.metadata
-    import re
+    import sys
 
-    try:
-        from packaging.requirements import Requirement
-    except ImportError:  # no version check without `packaging`: presence only
-        Requirement = None
+    from packaging.requirements import Requirement
+
     importlib.invalidate_caches()
+    searchPath = [str(path) for path in paths or []] + sys.path
     unmet = []
     for line in requirements:
-        requirement = Requirement(line) if Requirement is not None else None
-        name = requirement.name if requirement is not None else re.split(r"[\s<>=!~;\[]", line, maxsplit=1)[0]
-        try:
-            version = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            unmet.append(line)
-            continue
-        if requirement is not None and requirement.specifier and not requirement.specifier.contains(version, prereleases=True):
+        requirement = Requirement(line)
+        found = next(iter(importlib.metadata.distributions(name=requirement.name, path=searchPath)), None)
+        if found is None or not requirement.specifier.contains(found.version, prereleases=True):
             unmet.append(line)
     return unmet
 
 
-def writeProtectingConstraints(path):
-    """A pip constraints file that pins the packages Slicer already has, so that installing the
-    engine's requirements never upgrades or replaces them."""
-    import importlib.metadata
-
-    lines = []
-    for distribution in PROTECTED_DISTRIBUTIONS:
-        try:
-            lines.append(f"{distribution}=={importlib.metadata.version(distribution)}")
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    with open(path, "w") as stream:
-        stream.write("\n".join(lines) + "\n")
-    return path
+def missingEnginePackages(requirementsPath=REQUIREMENTS_PATH, packagesFolder=None):
+    """The engine's requirements (PyTorch first) that its process would not find."""
+    return unmetRequirements([TORCH_DISTRIBUTION] + readRequirements(requirementsPath),
+                             paths=[packagesFolder] if packagesFolder else None)
 
 
 def describeNvidiaSmi(output):
@@ -208,14 +244,101 @@ def describeNvidiaSmi(output):
     return "; ".join(described)
 
 
+def nvidiaSmiCudaVersion(output):
+    """(major, minor) of 'CUDA Version: X.Y' in plain `nvidia-smi` output (the newest CUDA the driver
+    runs); None without it."""
+    import re
+
+    match = re.search(r"CUDA Version:\s*(\d+)\.(\d+)", output or "")
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def torchIndexUrl(cudaVersion):
+    """PyTorch's wheel index for a driver's CUDA version: the newest CUDA build the driver runs, or
+    the CPU build without an NVIDIA driver (or one older than every CUDA build)."""
+    usable = [build for build in TORCH_CUDA_BUILDS if cudaVersion is not None and build <= tuple(cudaVersion)]
+    return TORCH_WHEEL_INDEX + (f"cu{usable[-1][0]}{usable[-1][1]}" if usable else "cpu")
+
+
+def torchWheelVersion(wheelName):
+    """The version in a torch wheel's file name, local label included ('2.5.1+cu121')."""
+    return wheelName.split("-")[1]
+
+
+def torchDownloadCommand(python, torchIndex, wheelsFolder):
+    """pip downloads the torch wheel of the chosen build, without its dependencies."""
+    return [python, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--index-url", torchIndex,
+            "--dest", wheelsFolder, TORCH_DISTRIBUTION]
+
+
+def engineInstallCommand(python, packagesFolder, requirementsPath, wheelsFolder, torchVersion):
+    """pip installs the engine's packages into their folder in one resolution: torch pinned to the
+    downloaded build (found in wheelsFolder), everything else from PyPI."""
+    return [python, "-m", "pip", "install", "--upgrade", "--target", packagesFolder, "--find-links", wheelsFolder,
+            f"{TORCH_DISTRIBUTION}=={torchVersion}", "-r", requirementsPath]
+
+
+def runBackgroundCommand(command, timeout=None):
+    """Run a command behind Slicer (no console window) and return (exit code, its output)."""
+    done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                          text=True, errors="replace", timeout=timeout, **background_process_options())
+    return done.returncode, done.stdout
+
+
+def installEnginePackages(python, packagesFolder, requirementsPath, logPath):
+    """Install PyTorch (the build the driver runs) and the engine's packages into packagesFolder.
+    Runs in a worker thread (no Qt); the pip output goes to logPath. Raises RuntimeError with the
+    last line pip printed when a step fails."""
+    import shutil
+
+    os.makedirs(packagesFolder, exist_ok=True)
+    smi = shutil.which("nvidia-smi")
+    cudaVersion = nvidiaSmiCudaVersion(runBackgroundCommand([smi], timeout=30)[1]) if smi else None
+    with open(logPath, "w", encoding="utf-8") as log, tempfile.TemporaryDirectory(prefix="sspect-wheels-") as wheels:
+        def step(command):
+            log.write("$ " + " ".join(command) + "\n")
+            code, output = runBackgroundCommand(command)
+            log.write(output)
+            log.flush()
+            if code != 0:
+                lines = [line.strip() for line in output.splitlines() if line.strip()]
+                raise RuntimeError(lines[-1] if lines else f"pip stopped with exit code {code}")
+
+        step(torchDownloadCommand(python, torchIndexUrl(cudaVersion), wheels))
+        wheel = next(name for name in os.listdir(wheels) if name.startswith(f"{TORCH_DISTRIBUTION}-"))
+        step(engineInstallCommand(python, packagesFolder, requirementsPath, wheels, torchWheelVersion(wheel)))
+
+
+def gpuInformation(packagesFolder):
+    """Free GPU memory from nvidia-smi, for the device line; runs in a worker thread. Slicer's
+    process never imports torch: its presence is read from the engine's package folder."""
+    import shutil
+
+    if unmetRequirements([TORCH_DISTRIBUTION], paths=[packagesFolder] if packagesFolder else None):
+        return "PyTorch is not installed yet: it is offered on the first Run (with CUDA when a GPU is found)."
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            code, output = runBackgroundCommand([smi, "--query-gpu=name,memory.free,memory.total",
+                                                 "--format=csv,noheader,nounits"], timeout=10)
+            described = describeNvidiaSmi(output) if code == 0 else ""
+            if described:
+                return described
+        except (OSError, subprocess.SubprocessError, ValueError):
+            pass
+    return "GPU memory unknown (nvidia-smi not found); Automatic chooses the GPU at run time when PyTorch sees one."
+
+
 #
 # SelfSupervisedSPECTWidget
 #
 
 
 class SelfSupervisedSPECTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The panel. States: idle -> running -> (done | failed | idle after a cancel); Run becomes
-    Cancel while running; the engine's events are polled with a QTimer so Slicer never blocks.
+    """The panel. States: idle -> running -> (done | failed | idle after a cancel), and idle ->
+    installing -> (idle | failed) on the first Run; Run becomes Cancel while running and is disabled
+    while installing; the engine's events and the worker threads are polled with QTimers so Slicer
+    never blocks.
     """
 
     def __init__(self, parent=None):
@@ -232,6 +355,17 @@ class SelfSupervisedSPECTWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self._parameterValues = {}  # method -> {name: value}: edits survive switching methods
         self._lastProgressMessage = None
         self._parametersMethod = None
+        # Work that would block the GUI thread (the engine's method listing, nvidia-smi, pip) runs in
+        # worker threads; _backgroundTimer takes the results on the GUI thread.
+        self._workers = None
+        self._backgroundTimer = None
+        self._methodsListing = None
+        self._methodsFailure = None  # the sentence of the last failed listing, shown once
+        self._gpuQuery = None
+        self._gpuText = None
+        self._installation = None
+        self._installationDialog = None
+        self._installationLog = None
 
     # ---- set-up -------------------------------------------------------------------------------
 
@@ -269,6 +403,13 @@ class SelfSupervisedSPECTWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self._timer.setInterval(POLL_INTERVAL_MS)
         self._timer.connect("timeout()", self.onPollTimer)
 
+        import concurrent.futures
+
+        self._workers = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix=MODULE_NAME)
+        self._backgroundTimer = qt.QTimer()
+        self._backgroundTimer.setInterval(POLL_INTERVAL_MS)
+        self._backgroundTimer.connect("timeout()", self.onBackgroundTimer)
+
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
 
         self.onAutomaticWindowsToggled(self.ui.automaticWindowsCheckBox.checked)
@@ -276,15 +417,44 @@ class SelfSupervisedSPECTWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.onProjectionChanged(self.ui.projectionSelector.currentNode())
 
     def enter(self):
-        """Each time the panel is shown: the method list (from the engine's registry) on first use,
-        and the device information."""
-        self._ensureMethods()
+        """Each time the panel is shown: the method list and the device line are asked for in worker
+        threads (the engine takes seconds to start), never on the GUI thread; a failed listing is
+        not asked again until the next Run."""
+        if not self._methods and self._methodsFailure is None:
+            self._methodsFailure = self._engineNotReady()
+            if self._methodsFailure:
+                self._setStatus(self._methodsFailure)
+            else:
+                self._startMethodsListing()
         self._updateDeviceInfo()
+
+    @staticmethod
+    def _engineNotReady():
+        """Why the engine cannot list its methods yet (an old Slicer, packages not installed), read
+        from metadata in milliseconds; None when it can."""
+        import sys
+
+        unsupported = unsupportedSlicerSentence(runningSlicerVersion(), sys.version_info)
+        if unsupported:
+            return unsupported
+        try:
+            missing = missingEnginePackages(REQUIREMENTS_PATH, installedEnginePackagesFolder())
+        except OSError:
+            return f"The list of the engine's packages ({REQUIREMENTS_PATH}) is missing; reinstall the extension."
+        if missing:
+            return "The engine's Python packages are not installed yet; the first Run offers to install them."
+        return None
 
     def cleanup(self):
         """Module reload or application exit: stop polling and stop the engine process."""
         if self._timer is not None:
             self._timer.stop()
+        if self._backgroundTimer is not None:
+            self._backgroundTimer.stop()
+        if self._workers is not None:
+            self._workers.shutdown(wait=False)
+        if self._installationDialog is not None:
+            self._installationDialog.close()
         if self._run is not None and self._run.state == "running":
             self._run.cancel()
         self._run = None
@@ -325,7 +495,7 @@ class SelfSupervisedSPECTWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def onAutomaticWindowsToggled(self, automatic):
         for lineEdit in (self.ui.peakWindowLineEdit, self.ui.lowerWindowLineEdit, self.ui.upperWindowLineEdit):
-            lineEdit.enabled = not automatic and self._state not in (RUNNING, CANCELLING)
+            lineEdit.enabled = not automatic and self._state not in (INSTALLING, RUNNING, CANCELLING)
 
     def _windows(self):
         """None (automatic) or {"peak", "lower", "upper"}: an index, a keV range, "none" or None."""
@@ -370,21 +540,28 @@ class SelfSupervisedSPECTWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     # ---- method and parameters (built from the engine's registry: no GUI code per method) ------
 
-    def _ensureMethods(self):
-        if self._methods:
-            return True
+    def _startMethodsListing(self):
+        """Ask the engine for its registry in a worker thread (once at a time)."""
+        if self._methodsListing is None:
+            self._methodsFailure = None
+            self._methodsListing = self._workers.submit(self.logic.methods)
+            self._backgroundTimer.start()
+
+    def _onMethodsListed(self, listing):
+        """On the GUI thread: fill the method list, or remember and show the failure once."""
         try:
-            methods = self.logic.methods()
+            methods = listing.result()
         except DoorError as error:
-            self._setStatus(str(error), error=True)
-            return False
+            methods, failure = None, str(error)
         except Exception as error:
             logging.exception("Listing the engine's methods failed")
-            self._setStatus(f"The engine's methods could not be listed ({type(error).__name__}: {error}).", error=True)
-            return False
-        if not methods:
-            self._setStatus("The engine offers no reconstruction method; reinstall the extension.", error=True)
-            return False
+            methods, failure = None, f"The engine's methods could not be listed ({type(error).__name__}: {error})."
+        else:
+            failure = None if methods else "The engine offers no reconstruction method; reinstall the extension."
+        if failure is not None:
+            self._methodsFailure = failure
+            self._setStatus(f"{failure.rstrip('.')}; press Run to try again.", error=True)
+            return
         self._methods = methods
         combo = self.ui.methodComboBox
         combo.blockSignals(True)
@@ -394,7 +571,7 @@ class SelfSupervisedSPECTWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         combo.currentIndex = max(0, list(methods).index("osem") if "osem" in methods else 0)
         combo.blockSignals(False)
         self.onMethodChanged(combo.currentIndex)
-        return True
+        self._setStatus(f"{len(methods)} reconstruction methods; select the projections and press Run.")
 
     def _currentMethod(self):
         combo = self.ui.methodComboBox
@@ -479,44 +656,49 @@ class SelfSupervisedSPECTWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     # ---- device -------------------------------------------------------------------------------
 
     def onDeviceChanged(self, index=None):
-        self._updateDeviceInfo()
+        self._updateDeviceInfo(refresh=True)
 
     def _device(self):
         index = self.ui.deviceComboBox.currentIndex
         return DEVICES[index] if 0 <= index < len(DEVICES) else "auto"
 
-    def _updateDeviceInfo(self):
+    def _updateDeviceInfo(self, refresh=False):
+        """The device line: free GPU memory from nvidia-smi, asked in a worker thread."""
         if self._device() == "cpu":
             self.ui.deviceInfoLabel.text = ""
             return
-        self.ui.deviceInfoLabel.text = self._gpuInformation()
+        if self._gpuText is not None and not refresh:
+            self.ui.deviceInfoLabel.text = self._gpuText
+        elif self._gpuQuery is None:
+            self.ui.deviceInfoLabel.text = "Looking for a GPU..."
+            self._gpuQuery = self._workers.submit(gpuInformation, installedEnginePackagesFolder())
+            self._backgroundTimer.start()
 
-    @staticmethod
-    def _gpuInformation():
-        """Free GPU memory from nvidia-smi; Slicer's process never imports torch."""
-        if importlib.util.find_spec("torch") is None:
-            return "PyTorch is not installed yet: it is offered on the first Run (with CUDA when a GPU is found)."
-        import shutil
-
-        smi = shutil.which("nvidia-smi")
-        if smi:
+    def onBackgroundTimer(self):
+        """Every POLL_INTERVAL_MS while worker threads are busy: take what they finished."""
+        if self._methodsListing is not None and self._methodsListing.done():
+            listing, self._methodsListing = self._methodsListing, None
+            self._onMethodsListed(listing)
+        if self._gpuQuery is not None and self._gpuQuery.done():
+            query, self._gpuQuery = self._gpuQuery, None
             try:
-                output = subprocess.run([smi, "--query-gpu=name,memory.free,memory.total", "--format=csv,noheader,nounits"],
-                                        capture_output=True, text=True, timeout=5, check=True).stdout
-                described = describeNvidiaSmi(output)
-                if described:
-                    return described
-            except (OSError, subprocess.SubprocessError, ValueError):
-                pass
-        # The Slicer process never imports torch (DESIGN.md); the engine reports its device when it runs.
-        return "GPU memory unknown (nvidia-smi not found); Automatic chooses the GPU at run time when PyTorch sees one."
+                self._gpuText = query.result()
+            except Exception as error:
+                self._gpuText = f"GPU memory unknown ({type(error).__name__}: {error})."
+            if self._device() != "cpu":
+                self.ui.deviceInfoLabel.text = self._gpuText
+        if self._installation is not None and self._installation.done():
+            installation, self._installation = self._installation, None
+            self._onInstallationDone(installation)
+        if self._methodsListing is None and self._gpuQuery is None and self._installation is None:
+            self._backgroundTimer.stop()
 
     # ---- run / cancel: the state machine ------------------------------------------------------
 
     def _setState(self, state, message=None, error=False):
         self._state = state
-        busy = state in (RUNNING, CANCELLING)
-        self.ui.runButton.text = {RUNNING: "Cancel", CANCELLING: "Cancelling..."}.get(state, "Run")
+        busy = state in (INSTALLING, RUNNING, CANCELLING)
+        self.ui.runButton.text = {INSTALLING: "Installing...", RUNNING: "Cancel", CANCELLING: "Cancelling..."}.get(state, "Run")
         self.ui.runButton.toolTip = ("Stop the engine process; nothing half-written is kept." if busy
                                      else "Reconstruct in a background process; Slicer stays responsive.")
         for widget in (self.ui.projectionSelector, self.ui.ctSelector, self.ui.loadProjectionFilesButton,
@@ -527,7 +709,10 @@ class SelfSupervisedSPECTWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             widget.enabled = not busy
         self.onAutomaticWindowsToggled(self.ui.automaticWindowsCheckBox.checked)
         bar = self.ui.progressBar
-        if state == RUNNING:
+        if state == INSTALLING:
+            bar.value = 0
+            bar.format = "Installing the engine's packages..."
+        elif state == RUNNING:
             bar.value = 0
             bar.format = "Starting the engine..."
         elif state == CANCELLING:
@@ -547,7 +732,7 @@ class SelfSupervisedSPECTWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def updateButtons(self, *args):
         if self.ui is None:
             return
-        busy = self._state in (RUNNING, CANCELLING)
+        busy = self._state in (INSTALLING, RUNNING, CANCELLING)
         ready = self.ui.projectionSelector.currentNode() is not None
         self.ui.runButton.enabled = self._state == RUNNING or (not busy and ready)
         if not busy:
@@ -562,15 +747,13 @@ class SelfSupervisedSPECTWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if self._state == RUNNING:
             self._cancel()
             return
-        if self._state == CANCELLING:
+        if self._state in (INSTALLING, CANCELLING):
             return
         projection = self.ui.projectionSelector.currentNode()
         if projection is None:
             self._setStatus("Select the SPECT projections first (DICOM module or Load projection files...).", error=True)
             return
-        if not self._ensureMethods():
-            return
-        if not self._ensureEngineDependencies():
+        if not self._engineReady():
             return
         ct = self.ui.ctSelector.currentNode()
         method = self._currentMethod()
@@ -709,80 +892,75 @@ class SelfSupervisedSPECTWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     # ---- dependencies -------------------------------------------------------------------------
 
-    def _ensureEngineDependencies(self):
-        """On the first Run: install PyTorch and the engine's packages into Slicer's Python (the
-        engine runs with PythonSlicer, the same environment), after the user agrees."""
-        requirementsPath = self.resourcePath("requirements.txt")
+    def _engineReady(self):
+        """Before a Run: a Slicer new enough, the engine's packages present (else one confirmation
+        starts their installation, and this Run stops there), and the method list read."""
+        import sys
+
+        unsupported = unsupportedSlicerSentence(runningSlicerVersion(), sys.version_info)
+        if unsupported:
+            self._showError(unsupported)
+            return False
+        folder = installedEnginePackagesFolder()
         try:
-            requirements = [TORCH_DISTRIBUTION] + readRequirements(requirementsPath)
+            missing = missingEnginePackages(REQUIREMENTS_PATH, folder)
         except OSError:
-            self._showError(f"The list of the engine's packages ({requirementsPath}) is missing; reinstall the extension.")
+            self._showError(f"The list of the engine's packages ({REQUIREMENTS_PATH}) is missing; reinstall the extension.")
             return False
-        unmet = unmetRequirements(requirements)
-        if not unmet:
-            return True
-        if not slicer.util.confirmOkCancelDisplay(
-                "The reconstruction engine needs Python packages that Slicer does not have yet: "
-                f"{', '.join(unmet)}. Install them now? PyTorch is large (up to a few GB with CUDA); "
-                "this takes several minutes and Slicer is busy meanwhile.",
-                windowTitle=f"{MODULE_NAME}: install packages"):
-            self._setStatus("Nothing was installed; Run needs these packages: " + ", ".join(unmet) + ".", error=True)
+        if missing:
+            self._offerInstallation(missing, folder)
             return False
-        progress = None
-        try:
-            progress = slicer.util.createProgressDialog(
-                labelText="Installing the reconstruction engine's Python packages...", maximum=0)
-            slicer.app.processEvents()
-            if TORCH_DISTRIBUTION in unmet:
-                self._installTorch()
-            self._installRequirements(requirementsPath)
-        except _InstallDeclined as declined:
-            self._setStatus(str(declined), error=True)
+        if not self._methods:
+            self._startMethodsListing()
+            self._setStatus("Reading the engine's methods; press Run again once they are listed.")
             return False
-        except Exception as error:
-            logging.exception("Installing the engine's packages failed")
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            self._showError(
-                f"Installing the engine's Python packages failed ({reason}); check the internet connection and "
-                "free disk space, then press Run again, or install them in the Python console with "
-                f"slicer.util.pip_install(['-r', r'{requirementsPath}']).")
-            return False
-        finally:
-            if progress is not None:
-                progress.close()
-        still = unmetRequirements(requirements)
-        if still:
-            self._showError(f"The packages {', '.join(still)} are still not usable after the installation; "
-                            "restart Slicer and press Run again.")
-            return False
-        self._updateDeviceInfo()
         return True
 
-    @staticmethod
-    def _installTorch():
-        try:
-            import PyTorchUtils  # the PyTorch extension picks the CUDA build matching the driver
-        except ImportError:
-            PyTorchUtils = None
-        if PyTorchUtils is not None:
-            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True)
-            if torch is None:
-                raise _InstallDeclined("PyTorch was not installed; Run needs it (install it from the PyTorch Utils module).")
-        else:
-            slicer.util.pip_install("torch")
+    def _offerInstallation(self, missing, folder):
+        """Ask once, then install in a worker thread behind a modal dialog (state INSTALLING: Run is
+        disabled, so the installation cannot start twice)."""
+        import qt
 
-    @staticmethod
-    def _installRequirements(requirements):
-        with tempfile.TemporaryDirectory(prefix="sspect-pip-") as folder:
-            constraints = writeProtectingConstraints(os.path.join(folder, "constraints.txt"))
-            try:
-                import slicer.pydeps as pydeps  # Slicer >= 5.11
-            except ImportError:
-                pydeps = None
-            if pydeps is not None and hasattr(pydeps, "pip_ensure"):
-                pydeps.pip_ensure(pydeps.load_requirements(requirements), constraints=constraints, requester=MODULE_NAME)
-            else:
-                slicer.util.pip_install(["-r", requirements, "-c", constraints])
+        if not slicer.util.confirmOkCancelDisplay(
+                f"The reconstruction engine needs Python packages: {', '.join(missing)}. Install them now into "
+                f"{folder}? Only the engine's own process uses that folder: Slicer's own packages are not changed. "
+                "PyTorch is large (up to a few GB with CUDA); this takes several minutes.",
+                windowTitle=f"{MODULE_NAME}: install packages"):
+            self._setStatus("Nothing was installed; Run needs these packages: " + ", ".join(missing) + ".", error=True)
+            return
+        logPath = os.path.join(os.path.dirname(folder), "install.log")
+        self._installationDialog = slicer.util.createProgressDialog(
+            labelText="Installing the reconstruction engine's Python packages (several minutes)...", maximum=0,
+            windowTitle=MODULE_NAME, windowModality=qt.Qt.ApplicationModal)
+        self._installationDialog.setCancelButton(None)
+        self._installationDialog.show()
+        self._setState(INSTALLING, f"Installing the engine's packages into {folder}; the log is {logPath}.")
+        self._installationLog = logPath
+        self._installation = self._workers.submit(installEnginePackages, self.logic.python_executable, folder,
+                                                  REQUIREMENTS_PATH, logPath)
+        self._backgroundTimer.start()
+
+    def _onInstallationDone(self, installation):
+        """On the GUI thread: close the dialog, say how it ended, and read the method list."""
+        if self._installationDialog is not None:
+            self._installationDialog.close()
+            self._installationDialog = None
+        try:
+            installation.result()
+            still = missingEnginePackages(REQUIREMENTS_PATH, installedEnginePackagesFolder())
+        except Exception as error:
+            logging.exception("Installing the engine's packages failed")
+            self._showError(f"Installing the engine's Python packages failed ({error}); check the internet connection "
+                            f"and free disk space (the log is {self._installationLog}), then press Run again.", state=FAILED)
+            return
+        if still:
+            self._showError(f"The packages {', '.join(still)} are still missing after the installation (the log is "
+                            f"{self._installationLog}); press Run to try again.", state=FAILED)
+            return
+        self._setState(IDLE, "The engine's packages are installed; the methods are being listed, then press Run.")
+        self._methods = None
+        self._startMethodsListing()
+        self._updateDeviceInfo(refresh=True)
 
     # ---- messages -----------------------------------------------------------------------------
 
@@ -806,10 +984,6 @@ class SelfSupervisedSPECTWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.ui.logTextEdit.appendPlainText(message)
 
 
-class _InstallDeclined(Exception):
-    """The user declined an installation step (not an error to report as a failure)."""
-
-
 #
 # SelfSupervisedSPECTLogic
 #
@@ -822,20 +996,24 @@ class SelfSupervisedSPECTLogic(ScriptedLoadableModuleLogic, SelfSupervisedSPECTL
 
     def __init__(self, python_executable=None, engine_env=None, work_root=None):
         ScriptedLoadableModuleLogic.__init__(self)
-        SelfSupervisedSPECTLogicBase.__init__(self, python_executable=python_executable,
-                                              engine_env=engineEnvironment(engine_env), work_root=work_root)
+        SelfSupervisedSPECTLogicBase.__init__(
+            self, python_executable=python_executable, work_root=work_root,
+            engine_env=engineEnvironment(engine_env, installedEnginePackagesFolder()))
 
 
-def engineEnvironment(engine_env=None):
+def engineEnvironment(engine_env=None, packagesFolder=None):
     """The engine's environment: the caller's, with the folder that ships `sspect` (beside this
     file) first on PYTHONPATH, so that `PythonSlicer -m sspect` finds the engine however the
     extension is installed (Extensions Manager, build tree, or a source folder added as an
-    additional module path)."""
+    additional module path), then the engine's package folder when it exists, ahead of Slicer's
+    site-packages for that process only."""
     environment = dict(engine_env or {})
     moduleDir = os.path.dirname(os.path.abspath(__file__))
-    if os.path.isdir(os.path.join(moduleDir, "sspect")):
+    first = [folder for folder, marker in ((moduleDir, os.path.join(moduleDir, "sspect")), (packagesFolder, packagesFolder))
+             if folder and os.path.isdir(marker)]
+    if first:
         existing = environment.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
-        paths = [moduleDir] + [path for path in existing.split(os.pathsep) if path]
+        paths = first + [path for path in existing.split(os.pathsep) if path]
         environment["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     return environment
 
@@ -851,6 +1029,8 @@ class SelfSupervisedSPECTTest(ScriptedLoadableModuleTest):
 
     # Extra environment for the engine processes (the headless CI run sets OMP_NUM_THREADS=1).
     engine_env = None
+    # The engine's requirements the test checks before it starts.
+    requirements_path = REQUIREMENTS_PATH
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -860,6 +1040,7 @@ class SelfSupervisedSPECTTest(ScriptedLoadableModuleTest):
         self.test_reconstruct_and_review()
 
     def test_reconstruct_and_review(self):
+        self._skipUnlessTheEngineCanRun()
         import numpy as np
 
         self.delayDisplay("Simulating a small 177Lu SPECT/CT study (engine demo, in its own process)")
@@ -957,6 +1138,19 @@ class SelfSupervisedSPECTTest(ScriptedLoadableModuleTest):
 
     # -- helpers for the test --
 
+    def _skipUnlessTheEngineCanRun(self):
+        """Skip with one sentence where the engine's packages are missing (the Extensions build
+        machines, or before the first Run), instead of failing inside the engine."""
+        import sys
+
+        unsupported = unsupportedSlicerSentence(runningSlicerVersion(), sys.version_info)
+        if unsupported:
+            self.skipTest(unsupported)
+        missing = missingEnginePackages(self.requirements_path, installedEnginePackagesFolder())
+        if missing:
+            self.skipTest(f"The self-test needs the engine's Python packages, missing here: {', '.join(missing)}; "
+                          "press Run once in the SelfSupervisedSPECT module to install them, then run the test again.")
+
     def _runEngineDemo(self, logic, folder):
         """Write the demo study with the engine's simulator, in a subprocess (the Slicer side never
         imports sspect). Returns the calibration and the engine's own result image."""
@@ -964,7 +1158,7 @@ class SelfSupervisedSPECTTest(ScriptedLoadableModuleTest):
         environment.update(getattr(logic, "engine_env", None) or self.engine_env or {})
         command = [logic.python_executable, "-m", "sspect", "demo", "--quick", "--out", folder]
         completed = subprocess.run(command, cwd=os.path.dirname(os.path.abspath(__file__)), env=environment,
-                                   capture_output=True, text=True, timeout=600)
+                                   capture_output=True, text=True, timeout=600, **background_process_options())
         self.assertEqual(completed.returncode, 0, f"sspect demo failed: {completed.stderr[-2000:]}")
         with open(os.path.join(folder, "demo_osem", "demo_osem_provenance.json")) as stream:
             provenance = json.load(stream)

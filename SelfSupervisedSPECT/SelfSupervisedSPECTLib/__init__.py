@@ -5,8 +5,8 @@ torch, pytomography, qt, ctk or the engine (`sspect`): the engine is reached thr
 a separate process (`PythonSlicer -m sspect run-job JOB.json`) that reads a job file and writes
 JSON-lines events.
 """
-from .engine import EngineRun
+from .engine import EngineRun, background_process_options
 from .errors import DoorError
 from .logic import SelfSupervisedSPECTLogicBase
 
-__all__ = ["SelfSupervisedSPECTLogicBase", "EngineRun", "DoorError"]
+__all__ = ["SelfSupervisedSPECTLogicBase", "EngineRun", "DoorError", "background_process_options"]

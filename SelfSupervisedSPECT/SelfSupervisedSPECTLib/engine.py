@@ -31,6 +31,22 @@ def default_python() -> str:
     return shutil.which("PythonSlicer") or sys.executable
 
 
+# Windows process-creation flags (winbase.h), spelled out so that the options a launch would use
+# on Windows can be built, and checked, on any system.
+CREATE_NEW_PROCESS_GROUP = 0x00000200
+CREATE_NO_WINDOW = 0x08000000
+
+
+def background_process_options(os_name: str | None = None) -> dict:
+    """The Popen keyword arguments for a process that runs behind Slicer, for every launch (engine
+    runs, the method listing, nvidia-smi, pip). On Windows: no console window (closing one would kill
+    the job; Slicer's launchConsoleProcess hides it too) and its own process group; elsewhere its
+    own session, so that a cancel can kill the whole group."""
+    if (os_name or os.name) == "nt":
+        return {"creationflags": CREATE_NEW_PROCESS_GROUP | CREATE_NO_WINDOW}
+    return {"start_new_session": True}
+
+
 def parse_event_line(line: str) -> dict | None:
     """One stdout line as an event; anything that is not a JSON event becomes a 'log' event."""
     line = line.rstrip("\r\n")
@@ -72,16 +88,11 @@ class EngineRun:
 
         environment = {**os.environ, **{k: str(v) for k, v in (env or {}).items()}}
         environment.setdefault("PYTHONUNBUFFERED", "1")
-        options = {}
-        if os.name == "posix":
-            options["start_new_session"] = True  # its own process group: killpg reaches every child
-        else:
-            options["creationflags"] = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)
         self._log = open(self.log_path, "w", encoding="utf-8", errors="replace")
         try:
             self.process = subprocess.Popen(
                 self.command, stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.DEVNULL,
-                text=True, bufsize=1, encoding="utf-8", errors="replace", env=environment, **options)
+                text=True, bufsize=1, encoding="utf-8", errors="replace", env=environment, **background_process_options())
         except OSError as error:
             self._log.close()
             raise DoorError(f"The engine could not be started with {self.python_executable} ({error.strerror or error}); "
@@ -224,7 +235,8 @@ class EngineRun:
                 pass
         elif psutil is None:
             try:
-                subprocess.run(["taskkill", "/F", "/T", "/PID", str(pid)], capture_output=True, timeout=30)
+                subprocess.run(["taskkill", "/F", "/T", "/PID", str(pid)], capture_output=True, timeout=30,
+                               **background_process_options())
             except (OSError, subprocess.SubprocessError):
                 self.process.kill()
 

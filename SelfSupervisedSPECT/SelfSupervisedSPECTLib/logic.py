@@ -25,7 +25,7 @@ from vtk.util import numpy_support
 import slicer
 
 from . import dicom
-from .engine import DONE, EngineRun, default_python
+from .engine import DONE, EngineRun, background_process_options, default_python
 from .errors import DoorError
 
 ATTRIBUTE = "SelfSupervisedSPECT."
@@ -72,13 +72,14 @@ class SelfSupervisedSPECTLogicBase:
         return environment
 
     def methods(self) -> dict:
-        """The engine's registry, {name: {name, title, family, params: [...]}}, asked once."""
+        """The engine's registry, {name: {name, title, family, params: [...]}}, asked once. It blocks
+        while the engine starts (seconds): the panel calls it from a worker thread."""
         if self._methods_cache is None:
             command = [self.python_executable, "-m", "sspect", "methods"]
             environment = {**os.environ, **self._engine_environment()}
             try:
                 done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment,
-                                      stdin=subprocess.DEVNULL)
+                                      stdin=subprocess.DEVNULL, **background_process_options())
             except (OSError, subprocess.SubprocessError) as error:
                 raise DoorError(f"The engine could not be started with {self.python_executable} ({error}); "
                                 "check the Python interpreter set for the module.") from None

@@ -149,6 +149,18 @@ def test_event_lines_are_parsed_and_anything_else_becomes_log():
     assert parse_event_line("   \n") is None
 
 
+def test_background_processes_get_no_console_window_on_windows_and_their_own_group():
+    """What every launch (engine runs, the method listing, nvidia-smi, pip) passes to Popen, per system."""
+    from SelfSupervisedSPECTLib import background_process_options
+
+    no_window, new_group = 0x08000000, 0x00000200  # CREATE_NO_WINDOW, CREATE_NEW_PROCESS_GROUP (winbase.h)
+    assert background_process_options("nt") == {"creationflags": no_window | new_group}
+    assert background_process_options("posix") == {"start_new_session": True}
+    assert background_process_options() == background_process_options(os.name)
+    if hasattr(subprocess, "CREATE_NO_WINDOW"):  # on Windows, the same numbers as the standard library's
+        assert (subprocess.CREATE_NO_WINDOW, subprocess.CREATE_NEW_PROCESS_GROUP) == (no_window, new_group)
+
+
 def test_shim_provides_only_the_app_pieces(slicer_scene):
     from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                                ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)

@@ -83,20 +83,86 @@ def test_selftest_runs_headless(module, capsys):
 
 
 def test_dependency_check_reads_versions_without_importing(module, tmp_path):
-    """The first Run installs only what is missing or too old; this venv has the engine's packages."""
+    """The first Run installs only what the engine's process would not find; this venv has it all."""
     requirements = module.readRequirements(MODULE_DIR / "Resources" / "requirements.txt")
     assert "pytomography==3.4.0" in requirements
     assert module.unmetRequirements(["torch", *requirements]) == []
+    assert module.missingEnginePackages() == []
     assert module.unmetRequirements(["no-such-package-sspect>=1", "numpy<1", "numpy>=1"]) == \
         ["no-such-package-sspect>=1", "numpy<1"]
 
 
-def test_protecting_constraints_pin_what_is_installed(module, tmp_path):
-    import importlib.metadata
+def test_the_engine_package_folder_is_looked_up_first(module, tmp_path):
+    """An old numpy in the engine's folder shadows this Python's numpy for the engine's process."""
+    info = tmp_path / "numpy-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: numpy\nVersion: 0.1\n")
+    assert module.unmetRequirements(["numpy>=1"]) == []
+    assert module.unmetRequirements(["numpy>=1"], paths=[tmp_path]) == ["numpy>=1"]
+    assert module.unmetRequirements(["numpy<1"], paths=[tmp_path]) == []
 
-    text = Path(module.writeProtectingConstraints(tmp_path / "constraints.txt")).read_text()
-    assert f"numpy=={importlib.metadata.version('numpy')}" in text.splitlines()
-    assert f"torch=={importlib.metadata.version('torch')}" in text.splitlines()
+
+def test_only_the_engine_process_sees_its_package_folder(module, tmp_path):
+    """The folder goes on the engine's PYTHONPATH, after the engine itself, and nowhere in this process."""
+    (tmp_path / "sspect_engine_only_probe.py").write_text("FOUND = True\n")
+    environment = module.engineEnvironment({"OMP_NUM_THREADS": "1"}, packagesFolder=str(tmp_path))
+    assert environment["PYTHONPATH"].split(os.pathsep)[:2] == [str(MODULE_DIR), str(tmp_path)]
+    assert str(tmp_path) not in module.engineEnvironment({}, packagesFolder=str(tmp_path / "absent"))["PYTHONPATH"]
+    done = subprocess.run([sys.executable, "-c", "import sspect_engine_only_probe as p; print(p.FOUND)"],
+                          env={**os.environ, **environment}, capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "True", done.stderr[-2000:]
+    import importlib.util
+
+    assert importlib.util.find_spec("sspect_engine_only_probe") is None
+
+
+def test_slicer_older_than_the_oldest_supported_is_refused_in_one_sentence(module):
+    sentence = module.unsupportedSlicerSentence("5.8", (3, 9, 10))
+    assert sentence.startswith("SelfSupervisedSPECT needs 3D Slicer 5.10 or newer (Slicer 5.8 has Python 3.9")
+    assert sentence.endswith("download.slicer.org.") and sentence.count(". ") == 0
+    assert module.unsupportedSlicerSentence("5.10", (3, 12, 10)) is None
+    assert module.unsupportedSlicerSentence(None, (3, 10, 0)) is None
+
+
+def test_torch_build_follows_the_driver(module):
+    header = "| NVIDIA-SMI 550.54.15    Driver Version: 550.54.15    CUDA Version: 12.4     |"
+    assert module.nvidiaSmiCudaVersion(header) == (12, 4)
+    assert module.nvidiaSmiCudaVersion("command not found") is None
+    assert module.torchIndexUrl((12, 4)) == "https://download.pytorch.org/whl/cu124"
+    assert module.torchIndexUrl((12, 5)) == "https://download.pytorch.org/whl/cu124"
+    assert module.torchIndexUrl((13, 1)) == "https://download.pytorch.org/whl/cu130"
+    assert module.torchIndexUrl((11, 2)) == "https://download.pytorch.org/whl/cpu"
+    assert module.torchIndexUrl(None) == "https://download.pytorch.org/whl/cpu"
+    assert module.torchWheelVersion("torch-2.5.1+cu124-cp312-cp312-win_amd64.whl") == "2.5.1+cu124"
+
+
+def test_install_commands_write_only_into_the_engine_folder(module, tmp_path):
+    download = module.torchDownloadCommand("PythonSlicer", "https://download.pytorch.org/whl/cpu", str(tmp_path))
+    assert download[:4] == ["PythonSlicer", "-m", "pip", "download"] and "--no-deps" in download
+    assert download[download.index("--index-url") + 1] == "https://download.pytorch.org/whl/cpu"
+    install = module.engineInstallCommand("PythonSlicer", "/engine", "/req.txt", str(tmp_path), "2.5.1+cpu")
+    assert install[:4] == ["PythonSlicer", "-m", "pip", "install"]
+    assert install[install.index("--target") + 1] == "/engine" and "--user" not in install
+    assert "torch==2.5.1+cpu" in install and install[install.index("-r") + 1] == "/req.txt"
+
+
+def test_selftest_says_what_is_missing_and_skips(module):
+    """Where the engine's packages are missing (Extensions build machines, before the first Run)."""
+    import tempfile
+    import unittest
+
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as stream:
+        stream.write("no-such-package-sspect>=1\n")
+    test = module.SelfSupervisedSPECTTest()
+    test.requirements_path = stream.name
+    try:
+        with pytest.raises(unittest.SkipTest) as skipped:
+            test.runTest()
+    finally:
+        os.unlink(stream.name)
+    assert str(skipped.value) == ("The self-test needs the engine's Python packages, missing here: "
+                                  "no-such-package-sspect>=1; press Run once in the SelfSupervisedSPECT module "
+                                  "to install them, then run the test again.")
 
 
 def test_free_gpu_memory_text(module):

@@ -204,12 +204,51 @@ def test_util_functions_are_called_through_slicer_util():
 
 def test_nothing_is_installed_at_import_or_setup():
     tree = ast.parse(MODULE_FILE.read_text())
-    forbidden = {"pip_install", "pip_ensure", "installTorch", "_installTorch", "_installRequirements",
-                 "_ensureEngineDependencies", "methods"}
+    forbidden = {"pip_install", "pip_ensure", "installTorch", "installEnginePackages", "_offerInstallation",
+                 "_engineReady", "_startMethodsListing", "_updateDeviceInfo", "methods", "gpuInformation"}
     for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
         for fn in (n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name in ("__init__", "setup")):
             called = {getattr(c.func, "attr", getattr(c.func, "id", None)) for c in ast.walk(fn) if isinstance(c, ast.Call)}
             assert not called & forbidden, f"{cls.name}.{fn.name} calls {sorted(called & forbidden)}"
+
+
+def _widget_function(name):
+    widget = next(n for n in ast.parse(MODULE_FILE.read_text()).body if isinstance(n, ast.ClassDef) and n.name == WIDGET_CLASS)
+    return next(n for n in widget.body if isinstance(n, ast.FunctionDef) and n.name == name)
+
+
+def _called_names(function):
+    return {getattr(c.func, "attr", getattr(c.func, "id", None)) for c in ast.walk(function) if isinstance(c, ast.Call)}
+
+
+def test_entering_the_module_blocks_on_nothing():
+    """The method listing and nvidia-smi take seconds: enter() only hands them to worker threads."""
+    blocking = {"methods", "gpuInformation", "runBackgroundCommand", "installEnginePackages", "run", "Popen",
+                "check_output", "wait", "result"}
+    for name in ("enter", "_startMethodsListing", "_updateDeviceInfo"):
+        called = _called_names(_widget_function(name))
+        assert not called & blocking, f"{WIDGET_CLASS}.{name} calls {sorted(called & blocking)} on the GUI thread"
+    assert "submit" in _called_names(_widget_function("_startMethodsListing"))
+    assert "submit" in _called_names(_widget_function("_updateDeviceInfo"))
+
+
+def test_every_process_starts_with_the_background_options():
+    """No console window on Windows (closing it would kill the job) for any process the Slicer side starts."""
+    for path in [MODULE_FILE, *_lib_files()]:
+        for call in (n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Call)):
+            if isinstance(call.func, ast.Attribute) and call.func.attr in ("run", "Popen", "check_output", "call") \
+                    and getattr(call.func.value, "id", None) == "subprocess":
+                spread = [k.value for k in call.keywords if k.arg is None]
+                assert any(isinstance(v, ast.Call) and getattr(v.func, "id", None) == "background_process_options"
+                           for v in spread), f"{path.name}:{call.lineno} starts a process without background_process_options()"
+
+
+def test_torch_never_enters_slicers_process_and_no_dead_installer_api():
+    """The engine's packages live in the engine's folder: Slicer's process neither imports torch nor asks
+    the PyTorch extension (whose installTorch imports it), and slicer.pydeps exists in no Slicer."""
+    source = MODULE_FILE.read_text()
+    assert "torch" not in {module for module, _, _ in _imports_with_owner(MODULE_FILE)}
+    assert "PyTorchUtils" not in source and "pydeps" not in source
 
 
 def test_every_top_level_script_is_a_loadable_module():

@@ -36,6 +36,7 @@ DEVICES = ("auto", "cpu", "cuda")
 BINNING_CHOICES = (1, 2, 4)  # binningComboBox items, in order
 PROJECTOR_CHOICES = ("fast", "pytomography")  # projectorComboBox items, in order
 ISOTOPE_CHOICES = (None, "177Lu", "99mTc", "111In", "131I")  # isotopeComboBox items, in order (None: from the file)
+DECAY_CHOICES = ("none", "start", "injection")  # decayCorrectionComboBox items, in order
 
 POLL_INTERVAL_MS = 150
 
@@ -366,6 +367,7 @@ class SelfSupervisedSPECTWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self._installation = None
         self._installationDialog = None
         self._installationLog = None
+        self._calibrationsListing = None
 
     # ---- set-up -------------------------------------------------------------------------------
 
@@ -392,6 +394,8 @@ class SelfSupervisedSPECTWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.methodComboBox.connect("currentIndexChanged(int)", self.onMethodChanged)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
         self.ui.runButton.connect("clicked(bool)", self.onRunButton)
+        self.ui.calibrateButton.connect("clicked(bool)", self.onCalibrateButton)
+        self.ui.storedCalibrationComboBox.connect("currentIndexChanged(int)", self.updateButtons)
         self.ui.resultSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
         self.ui.fusionOpacitySliderWidget.connect("valueChanged(double)", self.onOpacityChanged)
         self.ui.showFusedButton.connect("clicked(bool)", self.onShowFused)
@@ -426,6 +430,9 @@ class SelfSupervisedSPECTWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                 self._setStatus(self._methodsFailure)
             else:
                 self._startMethodsListing()
+        if self._methodsFailure is None and self._calibrationsListing is None:
+            self._calibrationsListing = self._workers.submit(self.logic.calibrations)
+            self._backgroundTimer.start()
         self._updateDeviceInfo()
 
     @staticmethod
@@ -690,7 +697,14 @@ class SelfSupervisedSPECTWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if self._installation is not None and self._installation.done():
             installation, self._installation = self._installation, None
             self._onInstallationDone(installation)
-        if self._methodsListing is None and self._gpuQuery is None and self._installation is None:
+        if self._calibrationsListing is not None and self._calibrationsListing.done():
+            listing, self._calibrationsListing = self._calibrationsListing, None
+            try:
+                self._showStoredCalibrations(listing.result())
+            except Exception as error:  # the panel still works with a typed sensitivity
+                self._log(f"The stored calibrations could not be listed ({type(error).__name__}: {error}).")
+        if (self._methodsListing is None and self._gpuQuery is None and self._installation is None
+                and self._calibrationsListing is None):
             self._backgroundTimer.stop()
 
     # ---- run / cancel: the state machine ------------------------------------------------------
@@ -705,7 +719,10 @@ class SelfSupervisedSPECTWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                        self.ui.loadCTFilesButton, self.ui.automaticWindowsCheckBox, self.ui.methodComboBox,
                        self.ui.parametersWidget, self.ui.calibrationSpinBox, self.ui.deviceComboBox,
                        self.ui.binningComboBox, self.ui.projectorComboBox, self.ui.isotopeComboBox,
-                       self.ui.photopeaksLineEdit):
+                       self.ui.photopeaksLineEdit, self.ui.storedCalibrationComboBox, self.ui.acquisitionDateTimeLineEdit,
+                       self.ui.injectionDateTimeLineEdit, self.ui.injectedActivitySpinBox, self.ui.decayCorrectionComboBox,
+                       self.ui.phantomActivitySpinBox, self.ui.phantomDateTimeLineEdit, self.ui.calibrationNameLineEdit,
+                       self.ui.replaceCalibrationCheckBox):
             widget.enabled = not busy
         self.onAutomaticWindowsToggled(self.ui.automaticWindowsCheckBox.checked)
         bar = self.ui.progressBar
@@ -735,6 +752,8 @@ class SelfSupervisedSPECTWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         busy = self._state in (INSTALLING, RUNNING, CANCELLING)
         ready = self.ui.projectionSelector.currentNode() is not None
         self.ui.runButton.enabled = self._state == RUNNING or (not busy and ready)
+        self.ui.calibrateButton.enabled = not busy and ready
+        self.ui.calibrationSpinBox.enabled = not busy and self._storedCalibration() is None
         if not busy:
             self.ui.runButton.toolTip = ("Reconstruct in a background process; Slicer stays responsive." if ready
                                          else "Select the SPECT projections first.")
@@ -747,6 +766,14 @@ class SelfSupervisedSPECTWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if self._state == RUNNING:
             self._cancel()
             return
+        self._startEngine(calibrate=False)
+
+    def onCalibrateButton(self):
+        """Measure the sensitivity on the selected projections of a phantom, the same way Run reconstructs."""
+        if self._state == IDLE or self._state in (DONE, FAILED):
+            self._startEngine(calibrate=True)
+
+    def _startEngine(self, calibrate):
         if self._state in (INSTALLING, CANCELLING):
             return
         projection = self.ui.projectionSelector.currentNode()
@@ -757,30 +784,66 @@ class SelfSupervisedSPECTWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             return
         ct = self.ui.ctSelector.currentNode()
         method = self._currentMethod()
-        calibration = float(self.ui.calibrationSpinBox.value)
-        options = {"calibration_cps_per_MBq": calibration if calibration > 0 else None,
-                   "device": self._device(), "windows": self._windows(),
+        options = {"device": self._device(), "windows": self._windows(),
                    "detector_binning": BINNING_CHOICES[self.ui.binningComboBox.currentIndex],
                    "projector": PROJECTOR_CHOICES[self.ui.projectorComboBox.currentIndex],
                    "isotope": ISOTOPE_CHOICES[self.ui.isotopeComboBox.currentIndex],
-                   "photopeaks": self.ui.photopeaksLineEdit.text.strip() or None}
+                   "photopeaks": self.ui.photopeaksLineEdit.text.strip() or None,
+                   "acquisition_datetime": self.ui.acquisitionDateTimeLineEdit.text.strip() or None}
+        if not calibrate:
+            calibration = float(self.ui.calibrationSpinBox.value)
+            activity = float(self.ui.injectedActivitySpinBox.value)
+            options.update({"calibration": self._storedCalibration(),
+                            "calibration_cps_per_MBq": calibration if calibration > 0 and self._storedCalibration() is None else None,
+                            "injection_datetime": self.ui.injectionDateTimeLineEdit.text.strip() or None,
+                            "injected_activity_MBq": activity if activity > 0 else None,
+                            "decay_correction": DECAY_CHOICES[self.ui.decayCorrectionComboBox.currentIndex]})
         self.ui.logTextEdit.clear()
         self._lastProgressMessage = None
         try:
-            run = self.logic.reconstruct(projection, ct, method=method, wait=False, **options, **self._parameters())
+            if calibrate:
+                run = self.logic.calibrate(projection, ct, self.ui.calibrationNameLineEdit.text.strip(),
+                                           float(self.ui.phantomActivitySpinBox.value),
+                                           self.ui.phantomDateTimeLineEdit.text.strip() or None, method=method,
+                                           replace=self.ui.replaceCalibrationCheckBox.checked, wait=False,
+                                           **options, **self._parameters())
+            else:
+                run = self.logic.reconstruct(projection, ct, method=method, wait=False, **options, **self._parameters())
         except DoorError as error:
             self._setState(FAILED, str(error), error=True)
             return
         except Exception as error:
-            logging.exception("Starting the reconstruction failed")
-            self._showError(f"The reconstruction could not be started ({type(error).__name__}: {error}); "
-                            "see the Python console.", state=FAILED)
+            logging.exception("Starting the engine failed")
+            self._showError(f"The {'calibration' if calibrate else 'reconstruction'} could not be started "
+                            f"({type(error).__name__}: {error}); see the Python console.", state=FAILED)
             return
         self._run = run
-        self._runInputs = {"ct": ct, "projection": projection, "method": method}
-        self._log(f"Started {method} on {projection.GetName()}" + (f" with CT {ct.GetName()}" if ct else " without CT"))
-        self._setState(RUNNING, f"Reconstructing with {method}...")
+        self._runInputs = {"ct": ct, "projection": projection, "method": method, "calibrate": calibrate}
+        self._log(f"Started {'calibrating with ' if calibrate else ''}{method} on {projection.GetName()}"
+                  + (f" with CT {ct.GetName()}" if ct else " without CT"))
+        self._setState(RUNNING, f"{'Calibrating' if calibrate else 'Reconstructing'} with {method}...")
         self._timer.start()
+
+    def _storedCalibration(self):
+        """The stored calibration's name chosen, or None for the Sensitivity number (the combo's first item)."""
+        combo = self.ui.storedCalibrationComboBox
+        return combo.currentText if combo.currentIndex > 0 else None
+
+    def _showStoredCalibrations(self, records, select=None):
+        combo = self.ui.storedCalibrationComboBox
+        chosen = select or self._storedCalibration()
+        combo.blockSignals(True)
+        while combo.count > 1:
+            combo.removeItem(1)
+        for name in sorted(records):
+            record = records[name]
+            combo.addItem(name)
+            combo.setItemData(combo.count - 1, f"{record.get('cps_per_MBq', 0):.4g} cps/MBq, {record.get('isotope')} "
+                                               f"{record.get('collimator')}, {record.get('method')}", 3)  # Qt.ToolTipRole
+        index = combo.findText(chosen) if chosen else 0
+        combo.currentIndex = max(index, 0)
+        combo.blockSignals(False)
+        self.updateButtons()
 
     def _cancel(self):
         if self._run is None:
@@ -851,6 +914,14 @@ class SelfSupervisedSPECTWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             return
         self.ui.resultSelector.setCurrentNode(node)
         self._showFused(node)
+        record = (run.result or {}).get("calibration")
+        if self._runInputs.get("calibrate") and record:
+            self._calibrationsListing = self._workers.submit(self.logic.calibrations)
+            self._backgroundTimer.start()
+            self._showStoredCalibrations({record["name"]: record}, select=record["name"])
+            self._setState(DONE, f"Sensitivity {record['cps_per_MBq']:.4g} cps/MBq stored as '{record['name']}' and chosen "
+                                 f"for the next Run; the phantom's image is {node.GetName()}.")
+            return
         self._setState(DONE, f"Done: {node.GetName()}" + (f", shown over {ct.GetName()}." if ct else "."))
 
     # ---- result and dosimetry -----------------------------------------------------------------

@@ -75,27 +75,35 @@ class SelfSupervisedSPECTLogicBase:
         """The engine's registry, {name: {name, title, family, params: [...]}}, asked once. It blocks
         while the engine starts (seconds): the panel calls it from a worker thread."""
         if self._methods_cache is None:
-            command = [self.python_executable, "-m", "sspect", "methods"]
-            environment = {**os.environ, **self._engine_environment()}
-            try:
-                done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment,
-                                      stdin=subprocess.DEVNULL, **background_process_options())
-            except (OSError, subprocess.SubprocessError) as error:
-                raise DoorError(f"The engine could not be started with {self.python_executable} ({error}); "
-                                "check the Python interpreter set for the module.") from None
-            if done.returncode != 0:
-                lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-                cause = lines[-1].strip()[:200] if lines else f"exit code {done.returncode}"
-                raise DoorError(f"The engine did not list its methods ({cause}); check that the sspect package "
-                                f"is installed for {self.python_executable}.")
-            try:
-                registry = json.loads(done.stdout)
-            except ValueError:
-                raise DoorError("The engine's list of methods was not valid JSON; update the sspect package.") from None
-            if not isinstance(registry, dict):
-                raise DoorError("The engine's list of methods has an unexpected shape; update the sspect package.")
-            self._methods_cache = registry
+            self._methods_cache = self._engine_listing(["methods"], "methods")
         return self._methods_cache
+
+    def calibrations(self) -> dict:
+        """The sensitivities stored by `sspect calibrate`, {name: record}, asked afresh (blocks like ``methods``)."""
+        return self._engine_listing(["calibrations", "--json"], "stored calibrations")
+
+    def _engine_listing(self, arguments, what) -> dict:
+        """A JSON object the engine prints for ``python -m sspect <arguments>``; one sentence when it fails."""
+        command = [self.python_executable, "-m", "sspect", *arguments]
+        environment = {**os.environ, **self._engine_environment()}
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment,
+                                  stdin=subprocess.DEVNULL, **background_process_options())
+        except (OSError, subprocess.SubprocessError) as error:
+            raise DoorError(f"The engine could not be started with {self.python_executable} ({error}); "
+                            "check the Python interpreter set for the module.") from None
+        if done.returncode != 0:
+            lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+            cause = lines[-1].strip()[:200] if lines else f"exit code {done.returncode}"
+            raise DoorError(f"The engine did not list its {what} ({cause}); check that the sspect package "
+                            f"is installed for {self.python_executable}.")
+        try:
+            listing = json.loads(done.stdout)
+        except ValueError:
+            raise DoorError(f"The engine's list of {what} was not valid JSON; update the sspect package.") from None
+        if not isinstance(listing, dict):
+            raise DoorError(f"The engine's list of {what} has an unexpected shape; update the sspect package.")
+        return listing
 
     # -- inputs --------------------------------------------------------------------------------
     def load_projection_series(self, files, name=None):

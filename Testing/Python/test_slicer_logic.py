@@ -544,3 +544,30 @@ def test_job_file_follows_the_engine_schema(study, logic):
     with pytest.raises(DoorError) as refused:
         EngineRun(path, python_executable=str(path.parent / "no-such-python"))
     _assert_one_sentence(str(refused.value))
+
+
+def test_calibration_through_the_door_is_listed_and_chosen_by_name(study, slicer_scene, tmp_path):
+    from sspect.jobs import read_job, settings_from_job
+    from sspect.pipeline import check_settings
+
+    store = tmp_path / "calibrations.json"
+    logic = SelfSupervisedSPECTLogicBase(python_executable=sys.executable, engine_env={**ENGINE_ENV, "SSPECT_CALIBRATIONS": str(store)},
+                                         work_root=tmp_path / "jobs")
+    phantom = study["phantom"]
+    activity = float(phantom.activity.sum(dtype=np.float64)) * float(np.prod(phantom.spacing)) / 1000
+    run = logic.calibrate(study["projection_node"], study["ct_node"], "door", activity, method="osem", iterations=1,
+                          subsets=2, device="cpu", wait=True)
+    assert run.state == "done", (run.state, run.error)
+    listed = logic.calibrations()
+    assert list(listed) == ["door"] and listed["door"] == run.result["calibration"]
+    assert listed["door"]["method"] == "osem" and listed["door"]["params"] == {"iterations": 1, "subsets": 2}
+    job, path = logic.build_job(study["projection_node"], study["ct_node"], "osem", {}, calibration="door",
+                                decay_correction="injection", device="cpu")
+    assert (job["task"], job["calibration"], job["decay_correction"]) == ("reconstruct", "door", "injection")
+    check_settings(settings_from_job(read_job(path)))
+    for wrong, words in (({"decay_correction": "admin"}, "decay correction"),
+                         ({"calibration": "door", "calibration_cps_per_MBq": 9.0}, "not both")):
+        with pytest.raises(DoorError, match=words):
+            logic.build_job(study["projection_node"], study["ct_node"], "osem", {}, **wrong)
+    with pytest.raises(DoorError, match="name"):
+        logic.calibrate(study["projection_node"], study["ct_node"], " ", activity)

@@ -69,7 +69,9 @@ process (PythonSlicer), so Slicer stays responsive; the result is shown in Bq/mL
 <i>Load projection files...</i> / <i>Load CT files...</i>), choose the method and its parameters,
 enter the system sensitivity (cps/MBq; 0 keeps the image in counts) and press <i>Run</i>. The
 energy windows are chosen automatically (the window containing 208 keV, scatter windows touching
-it: TEW or DEW); untick <i>Automatic</i> to give them by index or keV range. <i>Compute table</i>
+it: TEW or DEW); untick <i>Automatic</i> to give them by index or keV range. <i>Dosimetry inputs and calibration</i>
+takes the acquisition and injection times and activity a de-identified file lacks, the decay
+correction, a stored calibration, and measures one on a phantom (<i>Calibrate</i>). <i>Compute table</i>
 measures every segment of a segmentation in the reconstructed images.</p>
 <p><b>Self-supervised methods</b> (the deep image prior, Noise2Noise-type denoisers, DL-BPF) train a network on
 this scan alone and stop by themselves on held-out counts. On a CPU choose <i>Grid: 2x2 binned</i>

@@ -526,20 +526,66 @@ class SelfSupervisedSPECTLogicBase:
 
 
 def _study_item(hierarchy, info):
-    """The patient/study items of a DICOM series, found by DICOM UID (as Slicer's DICOM loaders set them) or made."""
+    """The patient and study items of a DICOM series: found by DICOM UID, or made carrying the
+    patient and study attributes Slicer's own DICOM loading gives them (DICOMLib's
+    DICOMPlugin.addSeriesInSubjectHierarchy fills in only the items it makes itself, and Slicer's
+    DICOM export takes the patient and study tags from these attributes)."""
+    constants = slicer.vtkMRMLSubjectHierarchyConstants
+    uid_name = constants.GetDICOMUIDName()
     invalid = hierarchy.GetInvalidItemID()
-    patient = hierarchy.GetItemByUID("DICOM", info.patient_id) if info.patient_id else invalid
+    naming = _item_name_settings()
+    # A de-identified file may have an empty Patient ID; Slicer then uses "Patient-<Study Instance UID>".
+    patient_id = info.patient_id or f"Patient-{info.study_uid}"
+    patient = hierarchy.GetItemByUID(uid_name, patient_id)
     if patient == invalid:
-        patient = hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), info.patient_name or info.patient_id or "Patient")
-        if info.patient_id:
-            hierarchy.SetItemUID(patient, "DICOM", info.patient_id)
+        patient_name = info.patient_name or "No name"
+        item_name = patient_name
+        if naming["patient_id"]:
+            item_name += f" ({patient_id})"
+        if naming["patient_birth_date"] and info.patient_birth_date:
+            item_name += f" ({info.patient_birth_date})"
+        patient = hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), item_name)
+        hierarchy.SetItemUID(patient, uid_name, patient_id)
+        hierarchy.SetItemOwnerPluginName(patient, "DICOM")
+        for attribute, value in ((constants.GetDICOMPatientNameAttributeName(), patient_name),
+                                 (constants.GetDICOMPatientIDAttributeName(), patient_id),
+                                 (constants.GetDICOMPatientSexAttributeName(), info.patient_sex),
+                                 (constants.GetDICOMPatientBirthDateAttributeName(), info.patient_birth_date),
+                                 (constants.GetDICOMPatientCommentsAttributeName(), info.patient_comments)):
+            hierarchy.SetItemAttribute(patient, attribute, value)
     if not info.study_uid:
         return patient
-    study = hierarchy.GetItemByUID("DICOM", info.study_uid)
+    study = hierarchy.GetItemByUID(uid_name, info.study_uid)
     if study == invalid:
-        study = hierarchy.CreateStudyItem(patient, info.study_description or "Study")
-        hierarchy.SetItemUID(study, "DICOM", info.study_uid)
+        description = info.study_description or "No study description"
+        item_name = description
+        if naming["study_id"]:
+            item_name += f" ({info.study_id})"
+        if naming["study_date"] and info.study_date:
+            item_name += f" ({info.study_date})"
+        study = hierarchy.CreateStudyItem(patient, item_name)
+        hierarchy.SetItemUID(study, uid_name, info.study_uid)
+        hierarchy.SetItemOwnerPluginName(study, "DICOM")
+        for attribute, value in ((constants.GetDICOMStudyInstanceUIDAttributeName(), info.study_uid),
+                                 (constants.GetDICOMStudyIDAttributeName(), info.study_id),
+                                 (constants.GetDICOMStudyDescriptionAttributeName(), description),
+                                 (constants.GetDICOMStudyDateAttributeName(), info.study_date),
+                                 (constants.GetDICOMStudyTimeAttributeName(), info.study_time)):
+            hierarchy.SetItemAttribute(study, attribute, value)
     return study
+
+
+def _item_name_settings() -> dict:
+    """Which tags go into patient and study item names: the user's Subject Hierarchy settings in
+    the app, else Slicer's defaults (patient ID and study date shown, birth date and study ID not)."""
+    handler_class = getattr(slicer, "qSlicerSubjectHierarchyPluginHandler", None)
+    if handler_class is None:
+        return {"patient_id": True, "patient_birth_date": False, "study_id": False, "study_date": True}
+    handler = handler_class.instance()
+    return {"patient_id": bool(handler.displayPatientIDInSubjectHierarchyItemName),
+            "patient_birth_date": bool(handler.displayPatientBirthDateInSubjectHierarchyItemName),
+            "study_id": bool(handler.displayStudyIDInSubjectHierarchyItemName),
+            "study_date": bool(handler.displayStudyDateInSubjectHierarchyItemName)}
 
 
 def ensure_color_node(scene, color_node_id: str) -> None:

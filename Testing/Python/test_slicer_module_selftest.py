@@ -182,3 +182,8 @@ def test_dicom_plugin_offers_projections_and_not_ct(dicom_plugin, small_study):
     assert node is not None and slicer.mrmlScene.GetNodeByID(node.GetID()) is node
     assert node.GetAttribute("SelfSupervisedSPECT.Role") == "projections"
     assert node.GetAttribute("DICOM.instanceUIDs") == _DatabaseFromFiles().fileValue(nm, "0008,0018")
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+    study = hierarchy.GetItemParent(hierarchy.GetItemByDataNode(node))
+    patient = hierarchy.GetItemParent(study)
+    assert hierarchy.GetItemAttribute(study, "DICOM.StudyInstanceUID") == database.fileValue(nm, "0020,000D")
+    assert hierarchy.GetItemAttribute(patient, "DICOM.PatientID") == database.fileValue(nm, "0010,0020")

@@ -120,28 +120,8 @@ A. A. Hendriksen, D. M. Pelt, K. J. Batenburg, IEEE Transactions on Computationa
 1320-1335 (2020).</p>
 <p>The real test study comes from the SlicerSPECTRecon sample data (MIT licence).</p>
 """
-        # The DICOM plugin is registered once the application has started (DICOMLib is then
-        # importable); headless (no application object) there is nothing to register.
-        app = getattr(slicer, "app", None)
-        if app is not None and hasattr(app, "connect"):
-            app.connect("startupCompleted()", registerDICOMPlugin)
-
-
-def registerDICOMPlugin():
-    """Offer NM TOMO projection series in the DICOM browser (only where DICOMLib exists)."""
-    if importlib.util.find_spec("DICOMLib") is None:  # the real app's DICOM module
-        return
-    try:
-        from DICOMSPECTProjectionsPlugin import DICOMSPECTProjectionsPluginClass
-    except ImportError as error:
-        logging.warning(f"{MODULE_NAME}: the DICOM plugin for SPECT projections is not available ({error}).")
-        return
-
-    try:
-        slicer.modules.dicomPlugins
-    except AttributeError:
-        slicer.modules.dicomPlugins = {}
-    slicer.modules.dicomPlugins["DICOMSPECTProjectionsPlugin"] = DICOMSPECTProjectionsPluginClass
+        # The DICOM plugin registers itself: Slicer instantiates DICOMSPECTProjectionsPlugin.py's
+        # hidden module class while loading the modules (see that file).
 
 
 #

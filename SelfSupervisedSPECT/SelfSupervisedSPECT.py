@@ -802,8 +802,11 @@ class SelfSupervisedSPECTLogic(ScriptedLoadableModuleLogic, SelfSupervisedSPECTL
 
     def __init__(self, python_executable=None, engine_env=None, work_root=None):
         ScriptedLoadableModuleLogic.__init__(self)
+        # The app's slice views are fitted to each fused result; headless there are no views.
+        application = getattr(slicer, "app", None)
         SelfSupervisedSPECTLogicBase.__init__(self, python_executable=python_executable,
-                                              engine_env=engineEnvironment(engine_env), work_root=work_root)
+                                              engine_env=engineEnvironment(engine_env), work_root=work_root,
+                                              application_logic=application.applicationLogic() if application else None)
 
 
 def engineEnvironment(engine_env=None):

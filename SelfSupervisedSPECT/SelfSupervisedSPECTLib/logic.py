@@ -55,8 +55,11 @@ _HEADLESS_LOGICS: dict = {}
 class SelfSupervisedSPECTLogicBase:
     """Inputs to job files, engine runs, results into the scene; plain Python on MRML."""
 
-    def __init__(self, python_executable=None, engine_env=None, work_root=None):
+    def __init__(self, python_executable=None, engine_env=None, work_root=None, application_logic=None):
+        """``application_logic``: the vtkMRMLApplicationLogic that holds the slice views' logics
+        (the app's ``slicer.app.applicationLogic()``); ``show_fused`` fits those views to the images."""
         super().__init__()
+        self.application_logic = application_logic
         self.python_executable = python_executable or default_python()
         self.engine_env = dict(engine_env or {})
         self.work_root = Path(work_root) if work_root else Path(tempfile.gettempdir()) / "SelfSupervisedSPECT"
@@ -341,7 +344,8 @@ class SelfSupervisedSPECTLogicBase:
         return display
 
     def show_fused(self, ct_node, activity_node, opacity=0.5):
-        """Every slice view: CT behind, activity in front at ``opacity``, views linked."""
+        """Every slice view: CT behind, activity in front at ``opacity``, views linked, fitted to
+        the images (a view left elsewhere would show nothing) and through the hottest voxel."""
         scene = self._scene()
         composites = scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
         composites.UnRegister(None)
@@ -358,6 +362,16 @@ class SelfSupervisedSPECTLogicBase:
                 composite.SetLinkedControl(True)
             composite.EndModify(modifying)
             count += 1
+        if self.application_logic is not None:
+            self.application_logic.FitSliceToAll(False, False)  # every view, its orientation kept
+        if activity_node is not None:
+            values, reference, _ = self._volume_values(activity_node)
+            if values.size and values.max() > 0:
+                hottest_ijk = np.unravel_index(int(np.argmax(values)), values.shape)[::-1]
+                ijk_to_world = vtk.vtkMatrix4x4()
+                reference.GetImageToWorldMatrix(ijk_to_world)
+                r, a, s = ijk_to_world.MultiplyPoint([*map(float, hottest_ijk), 1.0])[:3]
+                slicer.vtkMRMLSliceNode.JumpAllSlices(scene, r, a, s, slicer.vtkMRMLSliceNode.OffsetJumpSlice)
         return count
 
     def dosimetry_table(self, segmentation_node, volume_nodes):

@@ -90,6 +90,9 @@ def red_view(slicer_scene):
     slice_node = slice_logic.AddSliceNode("Red")
     slice_node.SetOrientationToAxial()
     slice_node.SetDimensions(256, 256, 1)
+    slice_logics = vtk.vtkCollection()  # the application logic knows its views' logics, as the app's layout sets them
+    slice_logics.AddItem(slice_logic)
+    application.SetSliceLogics(slice_logics)
     yield slice_logic
     slice_logic.SetMRMLScene(None)  # gotcha 4: tear the pipeline down before the interpreter does
     application.SetMRMLScene(None)
@@ -412,6 +415,27 @@ def test_fusion_in_every_slice_view(study, red_view):
     assert composite.GetForegroundVolumeID() == study["result"].GetID()
     assert composite.GetForegroundOpacity() == pytest.approx(0.5)
     assert composite.GetLinkedControl()
+
+
+def test_fused_views_are_fitted_to_the_images_and_pass_through_the_hottest_voxel(study, red_view):
+    """A slice view left far from the images is brought back: fitted to CT and activity, and its
+    slice through the result's hottest voxel."""
+    logic = SelfSupervisedSPECTLogicBase(python_executable=sys.executable, application_logic=red_view.GetMRMLApplicationLogic())
+    slice_node = red_view.GetSliceNode()
+    slice_node.SetFieldOfView(10.0, 10.0, 1.0)
+    slice_node.JumpSliceByCentering(5000.0, 5000.0, 5000.0)
+    logic.show_fused(study["ct_node"], study["result"])
+    ct_bounds = np.zeros(6)
+    study["ct_node"].GetRASBounds(ct_bounds)
+    extent = ct_bounds[1::2] - ct_bounds[0::2]
+    field = slice_node.GetFieldOfView()
+    assert field[0] >= extent[0] - 1e-3 and field[1] >= extent[1] - 1e-3, (field, extent)
+    centre = slicer.util.arrayFromVTKMatrix(slice_node.GetSliceToRAS())[:3, 3]
+    assert all(ct_bounds[2 * axis] <= centre[axis] <= ct_bounds[2 * axis + 1] for axis in range(2)), (centre, ct_bounds)
+    values = slicer.util.arrayFromVolume(study["result"])
+    hottest_kji = np.unravel_index(int(np.argmax(values)), values.shape)
+    hottest_ras = _matrix(study["result"]) @ [*hottest_kji[::-1], 1.0]
+    assert slice_node.GetSliceOffset() == pytest.approx(hottest_ras[2], abs=1e-3)
 
 
 def _segmentation_from_labels(phantom, name="Phantom organs"):

@@ -1,11 +1,11 @@
 """DICOM plugin: offers NM TOMO projection series (SPECT raw data) in Slicer's DICOM browser.
 
-Real Slicer app only (DICOMLib is imported at file scope). The SelfSupervisedSPECT module
-registers `DICOMSPECTProjectionsPluginClass` as slicer.modules.dicomPlugins["DICOMSPECTProjectionsPlugin"]
-once the application has started. Every top-level .py file of a scripted-module folder is
-loaded by Slicer as a module, so this file also holds the hidden module class that Slicer's
-module factory looks for (`DICOMSPECTProjectionsPlugin`, named after the file), as Slicer's own
-DICOM plugins do.
+Real Slicer app only (DICOMLib is imported at file scope). Every top-level .py file of a
+scripted-module folder is loaded by Slicer as a module, so this file also holds the hidden module
+class that Slicer's module factory looks for (`DICOMSPECTProjectionsPlugin`, named after the
+file). As in Slicer's own DICOM plugins, that class registers the plugin in
+slicer.modules.dicomPlugins when Slicer instantiates it, while the modules load: before the DICOM
+module builds its plugin list, even when DICOM is the home module.
 """
 import logging
 import os
@@ -118,7 +118,8 @@ class DICOMSPECTProjectionsPluginClass(DICOMPlugin):
 
 
 class DICOMSPECTProjectionsPlugin:
-    """Hidden module shell that Slicer's scripted-module factory expects for this file."""
+    """Hidden module shell that Slicer's scripted-module factory expects for this file; creating
+    it registers the plugin with the DICOM module."""
 
     def __init__(self, parent):
         parent.title = "DICOM SPECT Projections Plugin"
@@ -128,3 +129,9 @@ class DICOMSPECTProjectionsPlugin:
         parent.acknowledgementText = "Part of the SelfSupervisedSPECT extension."
         parent.hidden = True
         self.parent = parent
+        # This module may be instantiated before the DICOM module: create the plugin list if needed.
+        try:
+            slicer.modules.dicomPlugins
+        except AttributeError:
+            slicer.modules.dicomPlugins = {}
+        slicer.modules.dicomPlugins["DICOMSPECTProjectionsPlugin"] = DICOMSPECTProjectionsPluginClass

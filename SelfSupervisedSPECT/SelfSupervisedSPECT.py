@@ -7,7 +7,6 @@ separate process. Nothing here imports torch or pytomography at file scope, and 
 installed when the module loads or its panel is set up: the engine's packages are installed on the
 first Run, after the user agrees.
 """
-import importlib.util
 import json
 import logging
 import os
@@ -117,28 +116,8 @@ A. A. Hendriksen, D. M. Pelt, K. J. Batenburg, IEEE Transactions on Computationa
 1320-1335 (2020).</p>
 <p>The real test study comes from the SlicerSPECTRecon sample data (MIT licence).</p>
 """
-        # The DICOM plugin is registered once the application has started (DICOMLib is then
-        # importable); headless (no application object) there is nothing to register.
-        app = getattr(slicer, "app", None)
-        if app is not None and hasattr(app, "connect"):
-            app.connect("startupCompleted()", registerDICOMPlugin)
-
-
-def registerDICOMPlugin():
-    """Offer NM TOMO projection series in the DICOM browser (only where DICOMLib exists)."""
-    if importlib.util.find_spec("DICOMLib") is None:  # the real app's DICOM module
-        return
-    try:
-        from DICOMSPECTProjectionsPlugin import DICOMSPECTProjectionsPluginClass
-    except ImportError as error:
-        logging.warning(f"{MODULE_NAME}: the DICOM plugin for SPECT projections is not available ({error}).")
-        return
-
-    try:
-        slicer.modules.dicomPlugins
-    except AttributeError:
-        slicer.modules.dicomPlugins = {}
-    slicer.modules.dicomPlugins["DICOMSPECTProjectionsPlugin"] = DICOMSPECTProjectionsPluginClass
+        # The DICOM plugin registers itself: Slicer instantiates DICOMSPECTProjectionsPlugin.py's
+        # hidden module class while loading the modules (see that file).
 
 
 #
@@ -1069,9 +1048,12 @@ class SelfSupervisedSPECTLogic(ScriptedLoadableModuleLogic, SelfSupervisedSPECTL
 
     def __init__(self, python_executable=None, engine_env=None, work_root=None):
         ScriptedLoadableModuleLogic.__init__(self)
+        # The app's slice views are fitted to each fused result; headless there are no views.
+        application = getattr(slicer, "app", None)
         SelfSupervisedSPECTLogicBase.__init__(
             self, python_executable=python_executable, work_root=work_root,
-            engine_env=engineEnvironment(engine_env, installedEnginePackagesFolder()))
+            engine_env=engineEnvironment(engine_env, installedEnginePackagesFolder()),
+            application_logic=application.applicationLogic() if application else None)
 
 
 def engineEnvironment(engine_env=None, packagesFolder=None):

@@ -22,12 +22,19 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 @dataclass
 class SeriesInfo:
-    """What the subject hierarchy needs to put a series under its patient and study."""
+    """What the subject hierarchy needs to put a series under its patient and study, and the
+    patient and study tags Slicer's DICOM export reads back from those items."""
 
     patient_id: str = ""
     patient_name: str = ""
+    patient_sex: str = ""
+    patient_birth_date: str = ""
+    patient_comments: str = ""
     study_uid: str = ""
+    study_id: str = ""
     study_description: str = ""
+    study_date: str = ""
+    study_time: str = ""
     series_description: str = ""
     instance_uids: list = field(default_factory=list)
 
@@ -67,7 +74,11 @@ def _text(value) -> str:
 
 def series_info(ds, instance_uids=()) -> SeriesInfo:
     return SeriesInfo(patient_id=_text(ds.get("PatientID")), patient_name=_text(ds.get("PatientName")),
-                      study_uid=_text(ds.get("StudyInstanceUID")), study_description=_text(ds.get("StudyDescription")),
+                      patient_sex=_text(ds.get("PatientSex")), patient_birth_date=_text(ds.get("PatientBirthDate")),
+                      patient_comments=_text(ds.get("PatientComments")),
+                      study_uid=_text(ds.get("StudyInstanceUID")), study_id=_text(ds.get("StudyID")),
+                      study_description=_text(ds.get("StudyDescription")), study_date=_text(ds.get("StudyDate")),
+                      study_time=_text(ds.get("StudyTime")),
                       series_description=_text(ds.get("SeriesDescription")), instance_uids=list(instance_uids))
 
 

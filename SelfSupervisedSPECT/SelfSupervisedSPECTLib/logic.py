@@ -57,8 +57,11 @@ _HEADLESS_LOGICS: dict = {}
 class SelfSupervisedSPECTLogicBase:
     """Inputs to job files, engine runs, results into the scene; plain Python on MRML."""
 
-    def __init__(self, python_executable=None, engine_env=None, work_root=None):
+    def __init__(self, python_executable=None, engine_env=None, work_root=None, application_logic=None):
+        """``application_logic``: the vtkMRMLApplicationLogic that holds the slice views' logics
+        (the app's ``slicer.app.applicationLogic()``); ``show_fused`` fits those views to the images."""
         super().__init__()
+        self.application_logic = application_logic
         self.python_executable = python_executable or default_python()
         self.engine_env = dict(engine_env or {})
         self.work_root = Path(work_root) if work_root else Path(tempfile.gettempdir()) / "SelfSupervisedSPECT"
@@ -379,7 +382,8 @@ class SelfSupervisedSPECTLogicBase:
         return display
 
     def show_fused(self, ct_node, activity_node, opacity=0.5):
-        """Every slice view: CT behind, activity in front at ``opacity``, views linked."""
+        """Every slice view: CT behind, activity in front at ``opacity``, views linked, fitted to
+        the images (a view left elsewhere would show nothing) and through the hottest voxel."""
         scene = self._scene()
         composites = scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
         composites.UnRegister(None)
@@ -396,6 +400,16 @@ class SelfSupervisedSPECTLogicBase:
                 composite.SetLinkedControl(True)
             composite.EndModify(modifying)
             count += 1
+        if self.application_logic is not None:
+            self.application_logic.FitSliceToAll(False, False)  # every view, its orientation kept
+        if activity_node is not None:
+            values, reference, _ = self._volume_values(activity_node)
+            if values.size and values.max() > 0:
+                hottest_ijk = np.unravel_index(int(np.argmax(values)), values.shape)[::-1]
+                ijk_to_world = vtk.vtkMatrix4x4()
+                reference.GetImageToWorldMatrix(ijk_to_world)
+                r, a, s = ijk_to_world.MultiplyPoint([*map(float, hottest_ijk), 1.0])[:3]
+                slicer.vtkMRMLSliceNode.JumpAllSlices(scene, r, a, s, slicer.vtkMRMLSliceNode.OffsetJumpSlice)
         return count
 
     def dosimetry_table(self, segmentation_node, volume_nodes):
@@ -564,20 +578,66 @@ class SelfSupervisedSPECTLogicBase:
 
 
 def _study_item(hierarchy, info):
-    """The patient/study items of a DICOM series, found by DICOM UID (as Slicer's DICOM loaders set them) or made."""
+    """The patient and study items of a DICOM series: found by DICOM UID, or made carrying the
+    patient and study attributes Slicer's own DICOM loading gives them (DICOMLib's
+    DICOMPlugin.addSeriesInSubjectHierarchy fills in only the items it makes itself, and Slicer's
+    DICOM export takes the patient and study tags from these attributes)."""
+    constants = slicer.vtkMRMLSubjectHierarchyConstants
+    uid_name = constants.GetDICOMUIDName()
     invalid = hierarchy.GetInvalidItemID()
-    patient = hierarchy.GetItemByUID("DICOM", info.patient_id) if info.patient_id else invalid
+    naming = _item_name_settings()
+    # A de-identified file may have an empty Patient ID; Slicer then uses "Patient-<Study Instance UID>".
+    patient_id = info.patient_id or f"Patient-{info.study_uid}"
+    patient = hierarchy.GetItemByUID(uid_name, patient_id)
     if patient == invalid:
-        patient = hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), info.patient_name or info.patient_id or "Patient")
-        if info.patient_id:
-            hierarchy.SetItemUID(patient, "DICOM", info.patient_id)
+        patient_name = info.patient_name or "No name"
+        item_name = patient_name
+        if naming["patient_id"]:
+            item_name += f" ({patient_id})"
+        if naming["patient_birth_date"] and info.patient_birth_date:
+            item_name += f" ({info.patient_birth_date})"
+        patient = hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), item_name)
+        hierarchy.SetItemUID(patient, uid_name, patient_id)
+        hierarchy.SetItemOwnerPluginName(patient, "DICOM")
+        for attribute, value in ((constants.GetDICOMPatientNameAttributeName(), patient_name),
+                                 (constants.GetDICOMPatientIDAttributeName(), patient_id),
+                                 (constants.GetDICOMPatientSexAttributeName(), info.patient_sex),
+                                 (constants.GetDICOMPatientBirthDateAttributeName(), info.patient_birth_date),
+                                 (constants.GetDICOMPatientCommentsAttributeName(), info.patient_comments)):
+            hierarchy.SetItemAttribute(patient, attribute, value)
     if not info.study_uid:
         return patient
-    study = hierarchy.GetItemByUID("DICOM", info.study_uid)
+    study = hierarchy.GetItemByUID(uid_name, info.study_uid)
     if study == invalid:
-        study = hierarchy.CreateStudyItem(patient, info.study_description or "Study")
-        hierarchy.SetItemUID(study, "DICOM", info.study_uid)
+        description = info.study_description or "No study description"
+        item_name = description
+        if naming["study_id"]:
+            item_name += f" ({info.study_id})"
+        if naming["study_date"] and info.study_date:
+            item_name += f" ({info.study_date})"
+        study = hierarchy.CreateStudyItem(patient, item_name)
+        hierarchy.SetItemUID(study, uid_name, info.study_uid)
+        hierarchy.SetItemOwnerPluginName(study, "DICOM")
+        for attribute, value in ((constants.GetDICOMStudyInstanceUIDAttributeName(), info.study_uid),
+                                 (constants.GetDICOMStudyIDAttributeName(), info.study_id),
+                                 (constants.GetDICOMStudyDescriptionAttributeName(), description),
+                                 (constants.GetDICOMStudyDateAttributeName(), info.study_date),
+                                 (constants.GetDICOMStudyTimeAttributeName(), info.study_time)):
+            hierarchy.SetItemAttribute(study, attribute, value)
     return study
+
+
+def _item_name_settings() -> dict:
+    """Which tags go into patient and study item names: the user's Subject Hierarchy settings in
+    the app, else Slicer's defaults (patient ID and study date shown, birth date and study ID not)."""
+    handler_class = getattr(slicer, "qSlicerSubjectHierarchyPluginHandler", None)
+    if handler_class is None:
+        return {"patient_id": True, "patient_birth_date": False, "study_id": False, "study_date": True}
+    handler = handler_class.instance()
+    return {"patient_id": bool(handler.displayPatientIDInSubjectHierarchyItemName),
+            "patient_birth_date": bool(handler.displayPatientBirthDateInSubjectHierarchyItemName),
+            "study_id": bool(handler.displayStudyIDInSubjectHierarchyItemName),
+            "study_date": bool(handler.displayStudyDateInSubjectHierarchyItemName)}
 
 
 def ensure_color_node(scene, color_node_id: str) -> None:

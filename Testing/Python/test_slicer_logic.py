@@ -90,6 +90,9 @@ def red_view(slicer_scene):
     slice_node = slice_logic.AddSliceNode("Red")
     slice_node.SetOrientationToAxial()
     slice_node.SetDimensions(256, 256, 1)
+    slice_logics = vtk.vtkCollection()  # the application logic knows its views' logics, as the app's layout sets them
+    slice_logics.AddItem(slice_logic)
+    application.SetSliceLogics(slice_logics)
     yield slice_logic
     slice_logic.SetMRMLScene(None)  # gotcha 4: tear the pipeline down before the interpreter does
     application.SetMRMLScene(None)
@@ -208,6 +211,108 @@ def test_projection_and_ct_nodes(study):
     assert ct.GetDisplayNode().GetColorNodeID() == "vtkMRMLColorTableNodeGrey"
 
 
+# -- patient and study: as Slicer's DICOM loading makes them ------------------------------------
+def _hierarchy():
+    return slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+
+
+def _patient_and_study(node):
+    study_item = _hierarchy().GetItemParent(_hierarchy().GetItemByDataNode(node))
+    return _hierarchy().GetItemParent(study_item), study_item
+
+
+def _dicom_attributes(item) -> dict:
+    return {name: _hierarchy().GetItemAttribute(item, name) for name in _hierarchy().GetItemAttributeNames(item)
+            if name.startswith("DICOM.")}
+
+
+def _patient_items() -> list:
+    children = vtk.vtkIdList()
+    _hierarchy().GetItemChildren(_hierarchy().GetSceneItemID(), children, False)
+    return [children.GetId(i) for i in range(children.GetNumberOfIds()) if _hierarchy().GetItemLevel(children.GetId(i)) == "Patient"]
+
+
+def _remove_patient_item(patient):
+    _hierarchy().RemoveItemChildren(patient)  # slicer-core's recursive RemoveItem of a patient hangs, children first does not
+    _hierarchy().RemoveItem(patient)
+
+
+def _assert_slicer_adds_no_patient(node, patient_id, study_uid, series_uid):
+    """What DICOMLib's DICOMPlugin.addSeriesInSubjectHierarchy does after our plugin's load: it
+    looks the patient and study up by DICOM UID and fills in only the items it has to make."""
+    item = _hierarchy().GetItemByDataNode(node)
+    patient, study_item = _patient_and_study(node)
+    assert _hierarchy().GetItemByUID("DICOM", patient_id) == patient and _hierarchy().GetItemByUID("DICOM", study_uid) == study_item
+    patients = _patient_items()
+    _hierarchy().SetItemUID(item, "DICOM", series_uid)
+    slicer.vtkSlicerSubjectHierarchyModuleLogic.InsertDicomSeriesInHierarchy(_hierarchy(), patient_id, study_uid, series_uid)
+    assert _patient_items() == patients and _patient_and_study(node) == (patient, study_item)
+
+
+def test_series_sit_under_patient_and_study_items_carrying_the_dicom_tags(study):
+    import pydicom
+
+    ds = pydicom.dcmread(study["nm"], stop_before_pixels=True)
+    patient, study_item = _patient_and_study(study["projection_node"])
+    assert _patient_and_study(study["ct_node"]) == (patient, study_item)
+    assert _dicom_attributes(patient) == {"DICOM.PatientName": str(ds.PatientName), "DICOM.PatientID": ds.PatientID,
+                                          "DICOM.PatientSex": ds.PatientSex, "DICOM.PatientBirthDate": ds.PatientBirthDate,
+                                          "DICOM.PatientComments": ""}
+    assert _dicom_attributes(study_item) == {"DICOM.StudyInstanceUID": ds.StudyInstanceUID, "DICOM.StudyID": ds.StudyID,
+                                             "DICOM.StudyDescription": ds.StudyDescription, "DICOM.StudyDate": ds.StudyDate,
+                                             "DICOM.StudyTime": ds.StudyTime}
+    assert _hierarchy().GetItemName(patient) == f"{ds.PatientName} ({ds.PatientID})"
+    assert _hierarchy().GetItemName(study_item) == f"{ds.StudyDescription} ({ds.StudyDate})"
+    assert _hierarchy().GetItemOwnerPluginName(patient) == _hierarchy().GetItemOwnerPluginName(study_item) == "DICOM"
+    _assert_slicer_adds_no_patient(study["projection_node"], ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID)
+
+
+def test_deidentified_series_with_empty_patient_id_share_one_patient_item(small_study, logic, tmp_path):
+    """Slicer's rule for an empty Patient ID: the patient item's ID is "Patient-<Study Instance UID>"."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(small_study["nm"])
+    ds.PatientID, ds.PatientName, ds.StudyDescription, ds.StudyDate = "", "", "", ""
+    ds.StudyInstanceUID = generate_uid()
+    path = tmp_path / "deidentified_nm.dcm"
+    ds.save_as(path)
+    first, second = (logic.load_projection_series([str(path)]) for _ in range(2))
+    patient, study_item = _patient_and_study(first)
+    patient_id = f"Patient-{ds.StudyInstanceUID}"
+    assert _patient_and_study(second) == (patient, study_item)
+    assert _hierarchy().GetItemUID(patient, "DICOM") == patient_id
+    assert _dicom_attributes(patient)["DICOM.PatientID"] == patient_id and _dicom_attributes(patient)["DICOM.PatientName"] == "No name"
+    assert _dicom_attributes(study_item)["DICOM.StudyDescription"] == "No study description"
+    assert _hierarchy().GetItemName(patient) == f"No name ({patient_id})"
+    assert _hierarchy().GetItemName(study_item) == "No study description"
+    _assert_slicer_adds_no_patient(first, patient_id, ds.StudyInstanceUID, ds.SeriesInstanceUID)
+    for node in (first, second):
+        slicer.mrmlScene.RemoveNode(node)
+    _remove_patient_item(patient)
+
+
+def test_real_deidentified_study_loads_into_one_patient_and_builds_a_job(real_study, logic):
+    """The real GE study has an empty Patient ID: projections and CT share Slicer's patient item."""
+    import pydicom
+
+    ds = pydicom.dcmread(real_study["nm"], stop_before_pixels=True)
+    projections = logic.load_projection_series([real_study["nm"]])
+    ct = logic.load_ct_series(real_study["ct"])
+    patient, study_item = _patient_and_study(projections)
+    patient_id = f"Patient-{ds.StudyInstanceUID}"
+    assert ds.PatientID == "" and _patient_and_study(ct) == (patient, study_item)
+    assert _dicom_attributes(patient)["DICOM.PatientID"] == patient_id
+    assert _dicom_attributes(study_item)["DICOM.StudyInstanceUID"] == ds.StudyInstanceUID
+    assert len([item for item in _patient_items() if _hierarchy().GetItemUID(item, "DICOM") == patient_id]) == 1
+    _assert_slicer_adds_no_patient(projections, patient_id, ds.StudyInstanceUID, ds.SeriesInstanceUID)
+    job, _ = logic.build_job(projections, ct, "osem", {"iterations": 1})
+    assert job["nm"] == [real_study["nm"]] and len(job["ct"]) == len(list(Path(real_study["ct"]).iterdir()))
+    for node in (projections, ct):
+        slicer.mrmlScene.RemoveNode(node)
+    _remove_patient_item(patient)
+
+
 # -- the result ----------------------------------------------------------------------------------
 def test_result_lands_with_truth_geometry_and_units(study):
     result, truth = study["result"], study["truth"]
@@ -322,6 +427,27 @@ def test_fusion_in_every_slice_view(study, red_view):
     assert composite.GetForegroundVolumeID() == study["result"].GetID()
     assert composite.GetForegroundOpacity() == pytest.approx(0.5)
     assert composite.GetLinkedControl()
+
+
+def test_fused_views_are_fitted_to_the_images_and_pass_through_the_hottest_voxel(study, red_view):
+    """A slice view left far from the images is brought back: fitted to CT and activity, and its
+    slice through the result's hottest voxel."""
+    logic = SelfSupervisedSPECTLogicBase(python_executable=sys.executable, application_logic=red_view.GetMRMLApplicationLogic())
+    slice_node = red_view.GetSliceNode()
+    slice_node.SetFieldOfView(10.0, 10.0, 1.0)
+    slice_node.JumpSliceByCentering(5000.0, 5000.0, 5000.0)
+    logic.show_fused(study["ct_node"], study["result"])
+    ct_bounds = np.zeros(6)
+    study["ct_node"].GetRASBounds(ct_bounds)
+    extent = ct_bounds[1::2] - ct_bounds[0::2]
+    field = slice_node.GetFieldOfView()
+    assert field[0] >= extent[0] - 1e-3 and field[1] >= extent[1] - 1e-3, (field, extent)
+    centre = slicer.util.arrayFromVTKMatrix(slice_node.GetSliceToRAS())[:3, 3]
+    assert all(ct_bounds[2 * axis] <= centre[axis] <= ct_bounds[2 * axis + 1] for axis in range(2)), (centre, ct_bounds)
+    values = slicer.util.arrayFromVolume(study["result"])
+    hottest_kji = np.unravel_index(int(np.argmax(values)), values.shape)
+    hottest_ras = _matrix(study["result"]) @ [*hottest_kji[::-1], 1.0]
+    assert slice_node.GetSliceOffset() == pytest.approx(hottest_ras[2], abs=1e-3)
 
 
 def _segmentation_from_labels(phantom, name="Phantom organs"):

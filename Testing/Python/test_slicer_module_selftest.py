@@ -172,15 +172,6 @@ def test_free_gpu_memory_text(module):
     assert module.describeNvidiaSmi("") == ""
 
 
-def test_dicom_plugin_registration_needs_dicomlib(module, monkeypatch):
-    """Headless there is no DICOMLib: registering the plugin does nothing and raises nothing."""
-    import slicer
-
-    monkeypatch.delattr(slicer, "modules", raising=False)
-    module.registerDICOMPlugin()
-    assert not hasattr(slicer, "modules")
-
-
 class _DatabaseFromFiles:
     """What the plugin asks of slicer.dicomDatabase, answered from the files themselves with pydicom
     (ctkDICOMDatabase.fileValue returns the tag as text, multiple values joined by backslashes)."""
@@ -230,6 +221,20 @@ def dicom_plugin(module, monkeypatch):
     sys.modules.pop("DICOMSPECTProjectionsPlugin", None)
 
 
+def test_dicom_plugin_registers_when_slicer_creates_its_module(dicom_plugin, monkeypatch):
+    """Slicer instantiates every scripted module while loading them, before any module's panel is
+    built: the DICOM module's plugin list (even as the home module) then includes this plugin."""
+    import types
+
+    import slicer
+
+    monkeypatch.setattr(slicer, "modules", types.SimpleNamespace(), raising=False)  # the app's module registry
+    parent = types.SimpleNamespace()
+    dicom_plugin.DICOMSPECTProjectionsPlugin(parent)
+    assert slicer.modules.dicomPlugins == {"DICOMSPECTProjectionsPlugin": dicom_plugin.DICOMSPECTProjectionsPluginClass}
+    assert parent.hidden and parent.categories == ["Developer Tools.DICOM Plugins"]
+
+
 def test_dicom_plugin_offers_projections_and_not_ct(dicom_plugin, small_study):
     import slicer
 
@@ -248,3 +253,8 @@ def test_dicom_plugin_offers_projections_and_not_ct(dicom_plugin, small_study):
     assert node is not None and slicer.mrmlScene.GetNodeByID(node.GetID()) is node
     assert node.GetAttribute("SelfSupervisedSPECT.Role") == "projections"
     assert node.GetAttribute("DICOM.instanceUIDs") == _DatabaseFromFiles().fileValue(nm, "0008,0018")
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+    study = hierarchy.GetItemParent(hierarchy.GetItemByDataNode(node))
+    patient = hierarchy.GetItemParent(study)
+    assert hierarchy.GetItemAttribute(study, "DICOM.StudyInstanceUID") == database.fileValue(nm, "0020,000D")
+    assert hierarchy.GetItemAttribute(patient, "DICOM.PatientID") == database.fileValue(nm, "0010,0020")

@@ -284,14 +284,20 @@ def test_cmake_lists_every_module_script_and_resource():
     assert "set(MODULE_NAME SelfSupervisedSPECT)" in cmake
 
 
-def test_extension_urls_point_to_files_that_exist():
+def test_extension_urls_come_from_the_repository_variable_and_name_files_that_exist():
+    """Homepage, icon and screenshots are made from EXTENSION_GITHUB_REPOSITORY (OWNER/NAME, set
+    once the public repository exists); the icon and screenshots are raw files of this repository."""
     cmake = (REPO / "CMakeLists.txt").read_text()
+    repository = "${EXTENSION_GITHUB_REPOSITORY}"
+    assert cmake.index("set(EXTENSION_GITHUB_REPOSITORY ") < cmake.index("set(EXTENSION_HOMEPAGE ")
+    assert re.search(r'set\(EXTENSION_HOMEPAGE "([^"]+)"\)', cmake).group(1) == f"https://github.com/{repository}"
     for variable in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
         urls = re.search(rf'set\({variable} "([^"]+)"\)', cmake).group(1).split()
         assert urls, f"{variable} is empty"
         for url in urls:
-            relative = re.sub(r"^https://raw\.githubusercontent\.com/[^/]+/[^/]+/[^/]+/", "", url)
-            assert relative != url, f"{variable} is not a raw GitHub URL: {url}"
+            prefix = f"https://raw.githubusercontent.com/{repository}/main/"
+            assert url.startswith(prefix), f"{variable} is not a raw file of the extension's repository: {url}"
+            relative = url[len(prefix):]
             assert (REPO / relative).is_file(), f"{variable} names {relative}, which is not in the repository"
 
 

@@ -1,4 +1,4 @@
-"""Every method on the real 177Lu bed: run time, peak memory, total activity against OSEM, fused images.
+"""Every method on the real 177Lu bed: run time, peak memory, total activity and checkerboard against OSEM, fused images.
 
 Each method runs in a fresh process (so its peak resident memory is its own) through the same
 door as a user's job (`sspect.pipeline.run`), on the real GE Discovery 670 bed in ../shared with
@@ -9,7 +9,11 @@ process, the methods one after another: their times are comparable with each oth
     .venv/bin/python benchmarks/real_bed_methods.py --out docs/real-bed --from-json   # redraw only
 
 Writes results.json, a Markdown table (results.md) and real_bed_methods.png: each method's
-coronal slice fused with the CT beside OSEM, on one colour scale.
+coronal slice fused with the CT beside OSEM, on one colour scale. Two columns measure a
+checkerboard without ground truth, each over OSEM's value: the share of spectral power near the
+Nyquist frequency (``near_nyquist_power_fraction``: pattern and noise alike) and the power at the
+Nyquist frequency over the power just below it (``checkerboard_index``: noise has a smooth
+spectrum there, a period-two pattern a peak).
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ def run_one(spec: str, binning: int, out: Path) -> dict:
     import torch
 
     from sspect.eval.benchmark import parse_methods
+    from sspect.eval.metrics import checkerboard_index, near_nyquist_power_fraction
     from sspect.io.volume_files import read_image
     from sspect.pipeline import Settings, run
 
@@ -48,7 +53,9 @@ def run_one(spec: str, binning: int, out: Path) -> dict:
     image = read_image(result["files"]["nrrd"]).array
     per_bed = result["provenance"]["per_bed"][0]
     return {"method": label, "seconds": round(seconds, 1), "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-            "total_counts": float(image.sum()), "shape": list(image.shape), "files": result["files"],
+            "total_counts": float(image.sum()), "near_nyquist": near_nyquist_power_fraction(image),
+            "checkerboard": checkerboard_index(image),
+            "shape": list(image.shape), "files": result["files"],
             "stopped": {k: per_bed[k] for k in ("best_step", "stopped_at") if k in per_bed},
             "uncertainty": "uncertainty" in result["files"], "finite": bool(np.isfinite(image).all())}
 
@@ -74,14 +81,17 @@ def run_all(methods: list[str], binning: int, out: Path, rows: list[dict] | None
 def write_outputs(rows: list[dict], out: Path, binning: int) -> None:
     reference = next((r for r in rows if r["method"].startswith("osem") and "total_counts" in r), None)
     lines = [f"Real GE 670 bed, 177Lu, {binning}x{binning} detector binning (grid {rows[0].get('shape')}), CPU, one thread per method.",
-             "", "| method | run time s | peak memory MiB | total vs OSEM % | stopped | uncertainty map |", "|---|---|---|---|---|---|"]
+             "", "| method | run time s | peak memory MiB | total vs OSEM % | near-Nyquist power vs OSEM | checkerboard index vs OSEM "
+             "| stopped | uncertainty map |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['method']} | failed: {' '.join(row['error'])} | | | | |")
+            lines.append(f"| {row['method']} | failed: {' '.join(row['error'])} | | | | | | |")
             continue
         difference = 100 * (row["total_counts"] / reference["total_counts"] - 1) if reference else float("nan")
+        near = row["near_nyquist"] / reference["near_nyquist"] if reference and "near_nyquist" in row else float("nan")
+        checkerboard = row["checkerboard"] / reference["checkerboard"] if reference and "checkerboard" in row else float("nan")
         stopped = ", ".join(f"{k} {v}" for k, v in row["stopped"].items())
-        lines.append(f"| {row['method']} | {row['seconds']:.0f} | {row['peak_rss_mib']} | {difference:+.2f} | {stopped} | "
+        lines.append(f"| {row['method']} | {row['seconds']:.0f} | {row['peak_rss_mib']} | {difference:+.2f} | {near:.2f} | {checkerboard:.2f} | {stopped} | "
                      f"{'yes' if row['uncertainty'] else 'no'} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

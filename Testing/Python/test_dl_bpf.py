@@ -87,7 +87,7 @@ def test_dl_bpf_is_registered_as_a_self_supervised_method():
     assert method.family == "self-supervised"
     assert {p.name for p in method.params} == {
         "steps", "learning_rate", "validation_fraction", "validation_interval", "patience", "pretrain_steps",
-        "features", "ct_input", "weights", "fine_tune_steps", "seed"}
+        "features", "upsampling", "ct_input", "weights", "fine_tune_steps", "seed"}
     params = method.validate({"steps": "40", "ct_input": "false", "weights": ""})
     assert params["steps"] == 40 and params["ct_input"] is False and params["fine_tune_steps"] == 100
     json.dumps(method.describe())

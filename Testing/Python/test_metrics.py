@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from sspect.eval.metrics import (activity_error_percent, background_cov, background_rois, bias_variance,
+from sspect.eval.metrics import (activity_error_percent, checkerboard_index, near_nyquist_power_fraction, background_cov, background_rois, bias_variance,
                                  bias_variance_curve, coefficient_of_variation, contrast_recovery, evaluate,
                                  nrmse, recovery_coefficient, region_activity, region_masks, ssim,
                                  total_activity_error_percent)
@@ -269,3 +269,30 @@ def test_shape_and_mask_checks():
     with pytest.raises(ValueError):
         recovery_coefficient(truth, truth, np.zeros(SHAPE, bool))
     assert recovery_coefficient(truth, truth, np.ones(SHAPE, np.uint8)) == pytest.approx(1.0)
+
+
+def test_near_nyquist_power_tells_a_checkerboard_from_a_smooth_image_and_from_noise():
+    i, j, k = np.indices((32, 32, 32))
+    smooth = np.exp(-((i - 16) ** 2 + (j - 14) ** 2 + (k - 17) ** 2) / (2 * 5.0 ** 2))
+    checkerboard = 0.05 * smooth.max() * (-1.0) ** (i + j + k)  # what a stride-2 transposed convolution paints
+    noise = np.random.default_rng(0).normal(size=smooth.shape)
+    assert near_nyquist_power_fraction(smooth) < 1e-4
+    with_pattern = near_nyquist_power_fraction(smooth + checkerboard)
+    pattern_share = (checkerboard ** 2).sum() / ((smooth - smooth.mean() + checkerboard) ** 2).sum()
+    assert with_pattern == pytest.approx(pattern_share, rel=0.01)
+    outside = np.mean(np.abs(np.fft.fftfreq(32)) < 0.375)  # white noise: the band's share of the frequencies
+    assert near_nyquist_power_fraction(noise) == pytest.approx(1 - outside ** 3, abs=0.01)
+    with pytest.raises(ValueError):
+        near_nyquist_power_fraction(np.ones((8, 8, 8)))
+
+
+def test_checkerboard_index_tells_a_pattern_from_noise_whatever_the_noise_level():
+    i, j, k = np.indices((32, 32, 32))
+    smooth = np.exp(-((i - 16) ** 2 + (j - 14) ** 2 + (k - 17) ** 2) / (2 * 5.0 ** 2))
+    rng = np.random.default_rng(0)
+    for noise_level in (0.01, 0.1):  # white noise of any level: flat across the band
+        assert 0.8 < checkerboard_index(smooth + noise_level * rng.normal(size=smooth.shape)) < 1.25
+    noisy = smooth + 0.02 * rng.normal(size=smooth.shape)
+    assert checkerboard_index(noisy + 0.03 * (-1.0) ** (i + j + k)) > 5  # a pattern as strong as the noise
+    with pytest.raises(ValueError):
+        checkerboard_index(np.ones((7, 9, 5)))

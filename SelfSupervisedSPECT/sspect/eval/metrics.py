@@ -20,6 +20,7 @@ __all__ = [
     "recovery_coefficient", "contrast_recovery", "coefficient_of_variation", "background_rois",
     "background_cov", "nrmse", "ssim", "region_activity", "activity_error_percent",
     "total_activity_error_percent", "region_masks", "bias_variance", "bias_variance_curve", "evaluate",
+    "near_nyquist_power_fraction", "checkerboard_index",
 ]
 
 # Region names tried, in order, as the background of contrast recovery when evaluate() is not told.
@@ -158,6 +159,43 @@ def background_cov(image, rois) -> float:
 # ----------------------------------------------------------------------------------------------
 # Whole-image fidelity
 # ----------------------------------------------------------------------------------------------
+
+def near_nyquist_power_fraction(image, band: float = 0.375) -> float:
+    """The share of an image's spectral power (its mean removed) at frequencies of at least ``band``
+    cycles per voxel along some axis, 0.5 being the Nyquist frequency.
+
+    A stride-2 transposed convolution paints a checkerboard there on smooth images; Poisson noise
+    through OSEM spreads power over all frequencies, so a network image's share against OSEM's of
+    the same data says whether it added a pattern (needs no truth, so it works on patients).
+    """
+    image = _unwrap(image).astype(np.float64)
+    power = np.abs(np.fft.fftn(image - image.mean())) ** 2
+    near = np.zeros(image.shape, dtype=bool)
+    for axis, size in enumerate(image.shape):
+        frequencies = np.abs(np.fft.fftfreq(size)).reshape([-1 if a == axis else 1 for a in range(image.ndim)])
+        near |= frequencies >= band
+    return float(power[near].sum() / _nonzero(power.sum(), "The image's power (a constant image)"))
+
+
+def checkerboard_index(image, band: float = 0.375) -> float:
+    """Mean spectral power at the Nyquist frequency (a pattern of period two voxels along some axis)
+    over the mean power just below it (``band`` to 0.5 cycles per voxel).
+
+    Noise, even noise a network leaves in, has a smooth spectrum there (index near 1); the
+    checkerboard of stride-2 transposed convolutions is a peak at exactly 0.5 (index well above 1).
+    The array needs an even size along some axis (odd sizes have no Nyquist bin).
+    """
+    image = _unwrap(image).astype(np.float64)
+    power = np.abs(np.fft.fftn(image - image.mean())) ** 2
+    nyquist, near = np.zeros(image.shape, dtype=bool), np.zeros(image.shape, dtype=bool)
+    for axis, size in enumerate(image.shape):
+        frequencies = np.fft.fftfreq(size).reshape([-1 if a == axis else 1 for a in range(image.ndim)])
+        nyquist |= frequencies == -0.5
+        near |= np.abs(frequencies) >= band
+    if not nyquist.any():
+        raise ValueError("The image has no even size along any axis, so no Nyquist frequency to measure.")
+    return float(power[nyquist].mean() / _nonzero(power[near & ~nyquist].mean(), "The power just below Nyquist"))
+
 
 def nrmse(image, truth, mask=None) -> float:
     """Normalised RMSE: ``||x - t||_2 / ||t||_2 = sqrt(mean((x - t)^2)) / sqrt(mean(t^2))``.

@@ -25,6 +25,7 @@ from .toolkit.objectives import fit_likelihood, fit_to_image
 PARAMS = parameters.stopped_training(300, 0.003, 5, 10, "Maximum number of optimiser steps on the likelihood") + (
     parameters.pretrain_steps(200),
     parameters.features(16),
+    parameters.UPSAMPLING,
     parameters.SEED,
 )
 
@@ -40,7 +41,8 @@ def run_dip(problem, params, events: Events) -> Result:
         network_input = padding.pad(prior[None, None])
         start = short_osem(problem.system_matrix, counts.train, counts.keep * counts.scatter) / counts.keep
         scale = image_scale(start)
-        network = unet(params["features"], head="positive", start_value=float(start.mean()) / scale).to(problem.device)
+        network = unet(params["features"], head="positive", start_value=float(start.mean()) / scale,
+                       upsampling=params["upsampling"]).to(problem.device)
 
         def image():
             return scale * F.softplus(padding.crop(network(network_input))[0, 0])

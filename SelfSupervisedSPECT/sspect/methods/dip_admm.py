@@ -65,6 +65,7 @@ PARAMS = (
     parameters.VALIDATION_FRACTION,
     parameters.patience(10, "Outer iterations"),
     parameters.features(16),
+    parameters.UPSAMPLING,
     parameters.SEED,
 )
 
@@ -136,7 +137,6 @@ class PriorNetwork:
 
 
 def run_dip_admm(problem, params, events: Events) -> Result:
-    import torch
     from pytomography.algorithms import DIPRecon
     from pytomography.callbacks import Callback
 
@@ -158,7 +158,8 @@ def run_dip_admm(problem, params, events: Events) -> Result:
         scale = image_scale(start)
         rho = params["rho"] * float(sensitivity.mean()) / max(float(start.mean()), 1e-12)
 
-        network = unet(params["features"], head="positive", start_value=float(start.mean()) / scale).to(device)
+        network = unet(params["features"], head="positive", start_value=float(start.mean()) / scale,
+                       upsampling=params["upsampling"]).to(device)
         prior_network = PriorNetwork(network, padding.pad(prior[None, None]), padding, scale, params["learning_rate"], events)
         prior_network.progress, prior_network.stage, prior_network.label = (0.0, pretrain / total), "pretrain", "pretraining on OSEM: step"
         if pretrain:

@@ -64,7 +64,7 @@ from .toolkit import parameters
 from .toolkit.counts import hold_out
 from .toolkit.fitting import reproducible
 from .toolkit.inputs import backprojection_image, ct_channel, has_ct, short_osem
-from .toolkit.networks import Padding, describe, unet
+from .toolkit.networks import Padding, describe, unet, upsampling_of
 from .toolkit.objectives import fit_likelihood, fit_to_image
 from .toolkit.weights import WEIGHTS_FOLDER, check_study, load_state, read_weights, resolve_weights, \
     save_weights, tensors_of, voxel_mm
@@ -76,6 +76,7 @@ SHIPPED_WEIGHTS = WEIGHTS_FOLDER / "dl_bpf_lu177_megp_8.8mm.safetensors"
 PARAMS = parameters.stopped_training(
     300, 0.003, 5, 10, "Maximum number of optimiser steps on the likelihood for a network trained on this scan only") + (
     parameters.features(16),
+    parameters.UPSAMPLING,
     parameters.pretrain_steps(200),
     Param("ct_input", bool, True, "Give the network the attenuation map as a second input channel when there is a CT"),
     Param("weights", str, "", "Pretrained network: a .safetensors file written by `sspect pretrain`, or 'shipped' for the one "
@@ -118,7 +119,7 @@ def save_network(network, path, problem, *, features: int, in_channels: int, tra
 
     description = {
         "format": FORMAT, "architecture": "monai.networks.nets.UNet", "features": features, "in_channels": in_channels,
-        "channels": [features * 2**k for k in range(4)], "strides": [2, 2, 2],
+        "channels": [features * 2**k for k in range(4)], "strides": [2, 2, 2], "upsampling": upsampling_of(network),
         "voxel_mm": voxel_mm(problem), "collimator": problem.collimator_code, "isotope": problem.isotope.name,
         "photopeak_keV": problem.photopeaks_keV[0],
         "input": "x_BP / mean(x_BP)" + (f", mu / {problem.isotope.mu_water_per_cm:g} per cm" if in_channels == 2 else "")
@@ -139,7 +140,8 @@ def load_network(path, problem, *, features: int, in_channels: int):
             f"{features} and {in_channels} (the second channel is the CT); set features = {stored[0]} and "
             f"ct_input = {'true' if stored[1] == 2 else 'false'}, with a CT when it needs one, or pretrain a matching network.")
     check_study(path, description, problem, "pretrain a network at this voxel size or train per scan")
-    return load_state(unet(features, in_channels, head="positive"), state, path, "pretrain"), description
+    upsampling = description.get("upsampling", "transposed")  # networks written before it was recorded
+    return load_state(unet(features, in_channels, head="positive", upsampling=upsampling), state, path, "pretrain"), description
 
 
 def run_dl_bpf(problem, params, events: Events) -> Result:
@@ -162,7 +164,7 @@ def run_dl_bpf(problem, params, events: Events) -> Result:
         counts = hold_out(problem, params["validation_fraction"] if steps else 0.0, params["seed"], events)
         inputs = Inputs(problem, counts.train / counts.keep, counts.scatter, use_ct)
         if not pretrained:
-            network = unet(params["features"], in_channels, head="positive")
+            network = unet(params["features"], in_channels, head="positive", upsampling=params["upsampling"])
         network = network.to(problem.device)
 
         def image():

@@ -61,7 +61,7 @@ def run_neighbor2neighbor(problem, params, events: Events) -> Result:
         full = Padding(noisy.shape[2:])
         views, rows, columns = noisy.shape[2:]
         halves = Padding((views, rows // 2, columns // 2))
-        network = unet(params["features"], head="residual").to(problem.device)
+        network = unet(params["features"], head="residual", upsampling=params["upsampling"]).to(problem.device)
 
         def denoise(volume, padding):
             return padding.crop(network(padding.pad(volume)))

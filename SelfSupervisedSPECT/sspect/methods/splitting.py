@@ -137,7 +137,7 @@ def run_n2n(problem, params, events: Events) -> Result:
         scale = image_scale(halves)
         inputs = padding.pad((halves / scale)[:, None])
         targets = inputs.flip(0)  # first -> second, second -> first: both directions in every step
-        network = unet(params["features"], head="residual").to(problem.device)
+        network = unet(params["features"], head="residual", upsampling=params["upsampling"]).to(problem.device)
         apply_reconstruct = Reconstructions(events, params, 3, 1.0 - APPLY_SHARE, APPLY_SHARE, "apply")
 
         def to_image(prediction):
@@ -214,7 +214,7 @@ def run_noise2inverse(problem, params, events: Events) -> Result:
         padding = Padding(tuple(complements.shape[1:]))
         scale = image_scale(complements)
         inputs, targets = padding.pad((complements / scale)[:, None]), padding.pad((subsets / scale)[:, None])
-        network = unet(params["features"], head="residual").to(problem.device)
+        network = unet(params["features"], head="residual", upsampling=params["upsampling"]).to(problem.device)
 
         def to_image(prediction):
             predicted = scale * prediction[:, 0] / keep  # K full-scale predictions f(R(y without J_k))

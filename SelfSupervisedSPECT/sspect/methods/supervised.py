@@ -105,14 +105,14 @@ class Scan:
         return self.scale * F.softplus(inverse_softplus(z) + self.padding.crop(network(self.network_input(image)))[0, 0])
 
 
-def build_model(kind: str, features: int, in_channels: int, iterations: int = 3):
+def build_model(kind: str, features: int, in_channels: int, iterations: int = 3, upsampling: str = "transposed"):
     """The network of ``kind``, a ``torch.nn.Module`` called as ``model(scan, events)`` -> image in counts per voxel."""
     import torch
 
     class PostReconstructionUNet(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.unet = unet(features, in_channels, head="correction")
+            self.unet = unet(features, in_channels, head="correction", upsampling=upsampling)
 
         def forward(self, scan: Scan, events: Events | None = None):
             return scan.with_start_total(scan.corrected(self.unet, scan.start))
@@ -120,7 +120,7 @@ def build_model(kind: str, features: int, in_channels: int, iterations: int = 3)
     class UnrolledMAPEM(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.cnn = unet(features, in_channels, head="correction", levels=3)
+            self.cnn = unet(features, in_channels, head="correction", levels=3, upsampling=upsampling)
             self.log_beta = torch.nn.Parameter(torch.full((iterations,), math.log(0.1)))
 
         def forward(self, scan: Scan, events: Events | None = None):
@@ -185,7 +185,8 @@ def load_model(path, kind: str, problem):
     architecture = description["architecture"]
     if architecture["in_channels"] == 2 and problem.attenuation_map is None:
         raise SSPECTError(f"The network {path} needs the CT as its second input; give the study's CT.")
-    model = build_model(kind, architecture["features"], architecture["in_channels"], architecture.get("iterations", 3))
+    model = build_model(kind, architecture["features"], architecture["in_channels"], architecture.get("iterations", 3),
+                        architecture.get("upsampling", "transposed"))  # networks written before it was recorded
     return load_state(model, state, path, "train").to(problem.device).eval(), description
 
 

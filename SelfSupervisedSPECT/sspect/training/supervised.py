@@ -32,6 +32,7 @@ from ..methods import Events
 from ..methods.supervised import KINDS, Scan, build_model, save_model
 from ..methods.toolkit.fitting import EarlyStopping, Step, fit
 from ..methods.toolkit.losses import nrmse_squared
+from ..methods.toolkit.networks import upsampling_of
 from ..methods.toolkit.weights import read_weights, save_weights
 
 CHECKPOINT_FORMAT = "sspect-train-checkpoint/1"
@@ -307,7 +308,7 @@ def train(manifest_path, out_dir, settings: TrainSettings, events=None, resume: 
                     "phantom_seeds": sorted({e.get("phantom_seed") for e in cases}),
                     "seconds_per_view": sorted({e.get("seconds_per_view") for e in cases}), "grid": manifest["config"]}
             save_model(trained, out_dir / "model.safetensors", kind=settings.kind,
-                       architecture={"features": settings.features, "in_channels": in_channels,
+                       architecture={"features": settings.features, "in_channels": in_channels, "upsampling": upsampling_of(trained),
                                      **({"iterations": settings.iterations} if settings.kind == "unrolled-mapem" else {})},
                        start_osem=(settings.start_iterations, settings.start_subsets), problem=first.problem,
                        matrices=[list(m) for m in matrices],

@@ -8,30 +8,54 @@ output so that the first steps are useful:
 - ``positive``: the caller takes ``c softplus(output)``; the output starts uniform at ``start_value``.
 - ``correction``: the output starts at zero; the caller adds it to an image (supervised networks).
 - ``residual``: ``f(x) = x + g(x)`` with ``g`` a correction head: starts as the identity (denoisers).
+
+Upsampling: ``transposed`` (MONAI UNet's own stride-2 transposed convolutions, whose uneven
+overlap can paint a checkerboard at the Nyquist frequency on smooth images: Odena, Dumoulin &
+Olah, Distill 2016) or ``resize`` (trilinear interpolation, then a 3x3x3 convolution: MONAI's
+``UpSample`` "nontrainable"). MONAI's UNet has no full-resolution level (its first convolution
+has stride 2), so with ``resize`` the output is an interpolated half-resolution field: no
+checkerboard, but no detail finer than two voxels; measured in docs/clinical-grid-report.
 """
 from __future__ import annotations
 
 import math
 
 HEADS = ("positive", "correction", "residual")
+UPSAMPLING = ("resize", "transposed")
 
 
 def level_channels(features: int, levels: int = 4) -> tuple[int, ...]:
     return tuple(features * 2**k for k in range(levels))
 
 
-def unet(features: int, in_channels: int = 1, *, head: str, levels: int = 4, start_value: float = 1.0):
+def unet(features: int, in_channels: int = 1, *, head: str, levels: int = 4, start_value: float = 1.0,
+         upsampling: str = "transposed"):
     """The U-Net of ``head`` (see the module docstring), ``in_channels`` -> 1 channel."""
     import torch
+    from monai.networks.blocks import Convolution, UpSample
     from monai.networks.nets import UNet
 
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, not {head!r}")
+    if upsampling not in UPSAMPLING:
+        raise ValueError(f"upsampling must be one of {UPSAMPLING}, not {upsampling!r}")
     if head == "residual" and in_channels != 1:
         raise ValueError("a residual head adds its output to its one-channel input")
-    network = UNet(spatial_dims=3, in_channels=in_channels, out_channels=1,
-                   channels=level_channels(features, levels), strides=(2,) * (levels - 1), num_res_units=0, norm="instance")
-    output_layer = network.model[-1].conv
+
+    class ResizeUNet(UNet):
+        """MONAI's UNet with each transposed convolution replaced by interpolation and a convolution."""
+
+        def _get_up_layer(self, in_channels, out_channels, strides, is_top):
+            convolution = Convolution(self.dimensions, in_channels, out_channels, kernel_size=self.up_kernel_size,
+                                      act=self.act, norm=self.norm, dropout=self.dropout, bias=self.bias,
+                                      conv_only=is_top, adn_ordering=self.adn_ordering)
+            return UpSample(self.dimensions, scale_factor=strides, mode="nontrainable", pre_conv=None,
+                            post_conv=convolution, interp_mode="trilinear", align_corners=False)
+
+    network = (ResizeUNet if upsampling == "resize" else UNet)(
+        spatial_dims=3, in_channels=in_channels, out_channels=1, channels=level_channels(features, levels),
+        strides=(2,) * (levels - 1), num_res_units=0, norm="instance")
+    output_layer = [m for m in network.modules() if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d))][-1]
     with torch.no_grad():
         output_layer.weight.zero_()
         output_layer.bias.fill_(inverse_softplus_scalar(start_value) if head == "positive" else 0.0)
@@ -49,9 +73,17 @@ def unet(features: int, in_channels: int = 1, *, head: str, levels: int = 4, sta
     return Residual()
 
 
+def upsampling_of(network) -> str:
+    """'transposed' when the network upsamples with transposed convolutions, else 'resize'."""
+    import torch
+
+    return "transposed" if any(isinstance(m, torch.nn.ConvTranspose3d) for m in network.modules()) else "resize"
+
+
 def describe(network, features: int, levels: int = 4, what: str = "MONAI UNet") -> dict:
     """What a result's info records of its network."""
-    return {"network": f"{what} channels {list(level_channels(features, levels))}, strides {[2] * (levels - 1)}",
+    return {"network": f"{what} channels {list(level_channels(features, levels))}, strides {[2] * (levels - 1)}, "
+                       f"{upsampling_of(network)} upsampling",
             "network_parameters": sum(p.numel() for p in network.parameters())}
 
 

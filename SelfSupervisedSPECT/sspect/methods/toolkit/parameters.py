@@ -11,6 +11,10 @@ from .. import Param
 VALIDATION_FRACTION = Param(
     "validation_fraction", float, 0.1,
     "Share of the counts held out by binomial thinning to choose when to stop (0: no hold-out, run all steps)", 0.0, 0.5)
+UPSAMPLING = Param(
+    "upsampling", str, "transposed", "How the U-Net upsamples: transposed (stride-2 transposed convolutions, which can paint "
+    "a checkerboard on smooth images) or resize (interpolation then a convolution: no checkerboard, but no detail finer "
+    "than half the grid)", choices=("transposed", "resize"))
 SEED = Param("seed", int, 0, "Seed of the network weights and of the count splits (same seed, same image on the same CPU)",
              0, 2**31 - 1)
 
@@ -56,4 +60,4 @@ def stopped_training(steps_default: int, learning_rate_default: float, interval_
 def denoiser_params() -> tuple[Param, ...]:
     """A per-scan denoiser of OSEM images or projections (n2n, noise2inverse, neighbor2neighbor)."""
     return osem_params(20, 4) + stopped_training(300, 0.0003, 25, 4, "Maximum number of optimiser steps of the denoiser") \
-        + (features(8), SEED)
+        + (features(8), UPSAMPLING, SEED)

@@ -12,9 +12,9 @@ output so that the first steps are useful:
 Upsampling: ``transposed`` (MONAI UNet's own stride-2 transposed convolutions, whose uneven
 overlap can paint a checkerboard at the Nyquist frequency on smooth images: Odena, Dumoulin &
 Olah, Distill 2016) or ``resize`` (trilinear interpolation, then a 3x3x3 convolution: MONAI's
-``UpSample`` "nontrainable"). MONAI's UNet has no full-resolution level (its first convolution
-has stride 2), so with ``resize`` the output is an interpolated half-resolution field: no
-checkerboard, but no detail finer than two voxels; measured in docs/clinical-grid-report.
+``UpSample`` "nontrainable"). ``resize`` paints no checkerboard but, at the hyperparameters tuned
+for ``transposed``, fits far worse and is several times slower on a CPU (docs/clinical-grid-report),
+so it is an option, not the default.
 """
 from __future__ import annotations
 

@@ -13,8 +13,8 @@ VALIDATION_FRACTION = Param(
     "Share of the counts held out by binomial thinning to choose when to stop (0: no hold-out, run all steps)", 0.0, 0.5)
 UPSAMPLING = Param(
     "upsampling", str, "transposed", "How the U-Net upsamples: transposed (stride-2 transposed convolutions, which can paint "
-    "a checkerboard on smooth images) or resize (interpolation then a convolution: no checkerboard, but no detail finer "
-    "than half the grid)", choices=("transposed", "resize"))
+    "a checkerboard on smooth images) or resize (interpolation then a convolution: no checkerboard, but slower and, at "
+    "the default steps, a worse fit)", choices=("transposed", "resize"))
 SEED = Param("seed", int, 0, "Seed of the network weights and of the count splits (same seed, same image on the same CPU)",
              0, 2**31 - 1)
 

@@ -13,10 +13,9 @@ from dataclasses import replace
 from datetime import datetime
 
 from . import __version__
-from .decay import acquisition_duration_s, mean_to_start, seconds_between
+from .decay import acquisition_duration_s, acquisition_starts, mean_to_start, seconds_between
 from .errors import SSPECTError
-from .io.calibrations import check_calibration_name, save_calibration, stored_calibrations
-from .io.nm import acquisition_start
+from .io.calibrations import check_calibration_free, check_calibration_name, save_calibration
 from .methods import Events
 from .pipeline import Settings, check_output_folder, check_settings, load_study, reconstruct_study, write_results
 
@@ -37,8 +36,7 @@ def calibrate(nm_path, ct_source, settings: Settings, out_dir, name: str, activi
     """
     events = events or Events()
     check_calibration_name(name)
-    if name in stored_calibrations() and not settings.overwrite:
-        raise SSPECTError(f"A calibration named '{name}' is already stored; choose another name or replace it (--overwrite).")
+    check_calibration_free(name, settings.overwrite)  # before any work; storing checks again
     if not (isinstance(activity_MBq, (int, float)) and 0 < activity_MBq < float("inf")):
         raise SSPECTError(f"The phantom's activity must be a positive finite number of MBq, not {activity_MBq!r}.")
     measured_at = _moment(activity_datetime, "phantom activity date and time") if activity_datetime else None
@@ -47,8 +45,7 @@ def calibrate(nm_path, ct_source, settings: Settings, out_dir, name: str, activi
     check_output_folder(out_dir)
     study = load_study([nm_path], ct_source, settings)
     bed = study.beds[0]
-    acquired_at = acquisition_start(bed.header) or (_moment(settings.acquisition_datetime, "acquisition date and time")
-                                                    if settings.acquisition_datetime else None)
+    acquired_at = acquisition_starts([bed], settings.acquisition_datetime)[0]
     if measured_at is not None and acquired_at is None:
         raise SSPECTError("The phantom's activity was measured at a given time but the projection file gives no acquisition "
                           "date and time; give it (--acquisition-datetime).")

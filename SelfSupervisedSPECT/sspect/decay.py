@@ -57,6 +57,14 @@ def seconds_between(later: datetime, earlier: datetime) -> float:
     return (later - earlier).total_seconds()
 
 
+def acquisition_starts(beds: list[ProjectionStudy], acquisition_datetime: str | None = None) -> list[datetime | None]:
+    """Each bed's acquisition start from its file, else (one bed) the checked ISO ``acquisition_datetime``."""
+    starts = [acquisition_start(bed.header) for bed in beds]
+    if len(beds) == 1 and starts[0] is None and acquisition_datetime:
+        starts = [datetime.fromisoformat(str(acquisition_datetime))]
+    return starts
+
+
 def decay_correction(mode: str, beds: list[ProjectionStudy], half_life_s: float,
                      acquisition_datetime: str | None = None, injection_datetime: str | None = None) -> DecayCorrection:
     """The factor of every bed for ``mode``; refused in one sentence when a date it needs is unknown.
@@ -67,9 +75,7 @@ def decay_correction(mode: str, beds: list[ProjectionStudy], half_life_s: float,
     check_mode(mode)
     if mode == "none":
         return DecayCorrection(mode, None, tuple(1.0 for _ in beds))
-    starts = [acquisition_start(bed.header) for bed in beds]
-    if len(beds) == 1 and starts[0] is None and acquisition_datetime:
-        starts = [datetime.fromisoformat(str(acquisition_datetime))]
+    starts = acquisition_starts(beds, acquisition_datetime)
     within = [mean_to_start(half_life_s, acquisition_duration_s(bed)) for bed in beds]
     known = all(start is not None for start in starts)
     if len(beds) > 1 and not known:

@@ -68,12 +68,18 @@ def check_calibration_name(name) -> None:
     raise SSPECTError(f"A calibration name must not be a number ({name!r} reads as a sensitivity); choose a name with letters.")
 
 
+def check_calibration_free(name: str, overwrite: bool = False) -> dict[str, dict]:
+    """The stored records, refused in one sentence when ``name`` is taken and not to be replaced."""
+    records = stored_calibrations()
+    if name in records and not overwrite:
+        raise SSPECTError(f"A calibration named '{name}' is already stored; choose another name or replace it (--overwrite).")
+    return records
+
+
 def save_calibration(record: dict, overwrite: bool = False) -> Path:
     """Add ``record`` under its name, the file replaced as a whole; a taken name is refused unless overwriting."""
     check_calibration_name(record["name"])
-    records = stored_calibrations()
-    if record["name"] in records and not overwrite:
-        raise SSPECTError(f"A calibration named '{record['name']}' is already stored; choose another name or replace it (--overwrite).")
+    records = check_calibration_free(record["name"], overwrite)
     records[record["name"]] = record
     path = store_path()
     try:

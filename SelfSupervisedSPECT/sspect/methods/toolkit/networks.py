@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 
 HEADS = ("positive", "correction", "residual")
-UPSAMPLING = ("resize", "transposed")
+UPSAMPLING = ("transposed", "resize")
 
 
 def level_channels(features: int, levels: int = 4) -> tuple[int, ...]:

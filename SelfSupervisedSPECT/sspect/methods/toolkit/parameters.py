@@ -7,6 +7,7 @@ reports ``best_step`` (the step whose image it returns) and ``stopped_at``, in o
 from __future__ import annotations
 
 from .. import Param
+from .networks import UPSAMPLING as UPSAMPLING_CHOICES
 
 VALIDATION_FRACTION = Param(
     "validation_fraction", float, 0.1,
@@ -14,7 +15,7 @@ VALIDATION_FRACTION = Param(
 UPSAMPLING = Param(
     "upsampling", str, "transposed", "How the U-Net upsamples: transposed (stride-2 transposed convolutions, which can paint "
     "a checkerboard on smooth images) or resize (interpolation then a convolution: no checkerboard, but slower and, at "
-    "the default steps, a worse fit)", choices=("transposed", "resize"))
+    "the default steps, a worse fit)", choices=UPSAMPLING_CHOICES)
 SEED = Param("seed", int, 0, "Seed of the network weights and of the count splits (same seed, same image on the same CPU)",
              0, 2**31 - 1)
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from .errors import TERMINATED_EXIT_CODE, SSPECTError, Terminated, sigterm_as_interrupt
+from .eval.harness import GRIDS
 
 
 def _settings(args, method_params: dict):
@@ -356,8 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--methods", default="osem:iterations=6:subsets=6,bsrem:iterations=6:subsets=6:beta=0.3",
                        help="name:param=value:..., comma-separated")
     bench.add_argument("--realisations", type=int, default=5, help="noise realisations per case")
-    bench.add_argument("--grid", default="standard", choices=("standard", "coarse"),
-                       help="standard: the real study's 4.4 mm voxels, 60 views; coarse: 8.8 mm, 30 views (networks ~16x faster)")
+    bench.add_argument("--grid", default="standard", choices=tuple(GRIDS),
+                       help="standard: the real study's 4.4 mm voxels, 60 views (GE-like); siemens120: the same voxels, "
+                            "120 views on a two-head Siemens-like orbit; coarse: 8.8 mm, 30 views (networks ~16x faster)")
     bench.add_argument("--out", default="benchmark-output")
     bench.add_argument("--from-csv", action="store_true", help="only rebuild report.md and plots from the CSVs in --out")
     bench.add_argument("--merge", metavar="DIR,DIR", help="one report in --out from benchmark folders run on the same grid")
@@ -368,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     dataset.add_argument("--n", type=int, required=True)
     dataset.add_argument("--first-seed", type=int, default=0)
     dataset.add_argument("--seconds", default="20", help="seconds per view; several (comma-separated) are used in turn over the cases")
-    dataset.add_argument("--grid", default="standard", choices=("standard", "coarse"), help="as for `sspect benchmark`")
+    dataset.add_argument("--grid", default="standard", choices=tuple(GRIDS), help="as for `sspect benchmark`")
     dataset.add_argument("--out", required=True)
     _add_distribution_options(dataset)
     dataset.set_defaults(func=command_dataset)
@@ -376,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("pretrain", help="pretrain a DL-BPF network on simulated scans (self-supervised) -> .safetensors")
     pre.add_argument("--phantoms", default="torso100,torso101,torso102,torso103", help="torso<seed>, nema<ratio>, comma-separated")
     pre.add_argument("--seconds", default="10,40,160", help="count levels (s/view), used in turn over the phantoms")
-    pre.add_argument("--grid", default="coarse", choices=("standard", "coarse"), help="as for `sspect benchmark`")
+    pre.add_argument("--grid", default="coarse", choices=tuple(GRIDS), help="as for `sspect benchmark`")
     pre.add_argument("--steps", type=int, default=1200, help="likelihood steps (one scan a step)")
     pre.add_argument("--pretrain-steps", type=int, default=800, help="steps fitting each scan's short OSEM first")
     pre.add_argument("--features", type=int, default=16)

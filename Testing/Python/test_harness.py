@@ -89,6 +89,23 @@ def test_phantom_and_method_specs_are_parsed_and_refused_clearly():
         parse_phantoms("cardiac")
     with pytest.raises(SSPECTError, match="name=value"):
         parse_methods("osem:iterations")
+    with pytest.raises(SSPECTError, match="Unknown phantom"):
+        parse_phantoms("torso1.5")
+
+
+def test_a_dotatate_torso_is_the_same_patient_with_the_other_tracer():
+    import numpy as np
+
+    psma, dotatate = parse_phantoms("torso3,dotatate3")
+    assert (psma.name, dotatate.name) == ("torso3", "dotatate3")
+    psma, dotatate = psma.build(SMALL), dotatate.build(SMALL)
+    spleen, kidney = (psma.labels == psma.label_names[name] for name in ("spleen", "kidney_left_cortex"))
+    # the same body and organs (the lesions are drawn at each tracer's own sites)
+    assert np.array_equal(psma.labels > 0, dotatate.labels > 0)
+    assert np.array_equal(spleen, dotatate.labels == dotatate.label_names["spleen"])
+    # DOTATATE (somatostatin receptors) takes up in the spleen far more than PSMA, relative to the kidneys
+    assert dotatate.activity[spleen].mean() / dotatate.activity[kidney].mean() > \
+        2 * psma.activity[spleen].mean() / psma.activity[kidney].mean()
 
 
 def test_dataset_command_writes_cases_and_a_manifest(tmp_path):

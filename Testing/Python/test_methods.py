@@ -18,6 +18,7 @@ EXPECTED_PARAMS = {
     "osem": {"iterations", "subsets"},
     "osl-map": {"iterations", "subsets"} | PRIOR_PARAMS,
     "bsrem": {"iterations", "subsets", "relaxation_decay"} | PRIOR_PARAMS,
+    "kem": {"iterations", "subsets", "kernel_size", "ct_sigma", "distance_sigma_mm", "top_n"},
 }
 
 

@@ -111,3 +111,17 @@ def test_a_denoiser_at_its_defaults_beats_the_noisy_osem_it_starts_from(noisy_pr
           f"OSEM {defaults['iterations']}x{defaults['subsets']} {reference:.3f}")
     assert score < 0.97 * reference
     assert abs(result.image.sum() / osem.sum() - 1) < 0.05
+
+
+def test_an_ensemble_is_the_mean_of_runs_with_successive_seeds_and_its_spread_bounds_the_uncertainty(problem):
+    params = {**TINY, "domain": "image", "seed": 5}
+    runs = [get_method("n2n").reconstruct(problem, {**params, "seed": seed}) for seed in (5, 6)]
+    events = []
+    ensemble = get_method("n2n").reconstruct(problem, {**params, "ensemble": 2}, Events(events.append))
+    np.testing.assert_allclose(ensemble.image, (runs[0].image + runs[1].image) / 2, rtol=1e-5, atol=1e-6)
+    spread = np.abs(runs[0].image - runs[1].image) / 2  # SD of the mean of two runs
+    own = np.sqrt((runs[0].uncertainty ** 2 + runs[1].uncertainty ** 2) / 2)  # the runs' own maps (n2n's halves)
+    assert np.all(ensemble.uncertainty >= spread - 1e-6) and np.all(ensemble.uncertainty >= own - 1e-6)
+    assert ensemble.info["ensemble"] == 2 and ensemble.info["seeds"] == [5, 6]
+    fractions = [e["fraction"] for e in events if e["event"] == "progress"]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and 0.4 < fractions[len(fractions) // 2] < 0.6

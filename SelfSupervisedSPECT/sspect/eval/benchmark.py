@@ -12,14 +12,18 @@ from .harness import (CLINICAL_SECONDS_PER_VIEW, HarnessConfig, PhantomSpec, bui
                       run_cases)
 
 def parse_phantoms(text: str) -> list[PhantomSpec]:
-    """'nema8,nema4,torso0,torso1' -> phantom specs."""
+    """'nema8,nema4,torso0,dotatate1' -> phantom specs (torso<seed>: 177Lu-PSMA; dotatate<seed>: the same anatomy with 177Lu-DOTATATE)."""
     specs = []
     for item in filter(None, (t.strip() for t in text.split(","))):
-        match = re.fullmatch(r"(nema|torso)(\d+(?:\.\d+)?)?(?:to1)?", item)
-        if not match:
-            raise SSPECTError(f"Unknown phantom '{item}'; write nema<ratio> (e.g. nema8) or torso<seed> (e.g. torso0).")
+        match = re.fullmatch(r"(nema|torso|dotatate)(\d+(?:\.\d+)?)?(?:to1)?", item)
+        if not match or match.group(1) != "nema" and match.group(2) and not match.group(2).isdigit():
+            raise SSPECTError(f"Unknown phantom '{item}'; write nema<ratio> (e.g. nema8), torso<seed> (e.g. torso0, PSMA) "
+                              "or dotatate<seed> (e.g. dotatate1).")
         kind, number = match.group(1), match.group(2)
-        specs.append(PhantomSpec("nema", ratio=float(number or 8)) if kind == "nema" else PhantomSpec("torso", seed=int(number or 0)))
+        if kind == "nema":
+            specs.append(PhantomSpec("nema", ratio=float(number or 8)))
+        else:
+            specs.append(PhantomSpec("torso", seed=int(number or 0), tracer="DOTATATE" if kind == "dotatate" else "PSMA"))
     return specs
 
 

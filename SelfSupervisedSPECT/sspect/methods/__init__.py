@@ -50,6 +50,17 @@ class Events:
         self.emit("log", message=message)
 
 
+def _member_events(events: Events, member: int, members: int) -> Events:
+    """Progress of one ensemble run as its share of the whole; cancellation as the caller's; iterates only of the first."""
+    def on_event(event):
+        if event.get("event") == "progress":
+            event = {**event, "fraction": round((member + event["fraction"]) / members, 4),
+                     "message": f"run {member + 1}/{members}: {event.get('message', '')}"}
+        events.emit(**event)
+
+    return Events(on_event, events.should_stop, (lambda n, x: events.iterate(n, x)) if member == 0 and events.wants_iterates else None)
+
+
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off"}
 KIND_WORDS = {int: "a whole number", float: "a finite number", bool: "true or false", str: "text"}
@@ -125,7 +136,34 @@ class Method:
         return {p.name: p.validate(given.get(p.name, p.default)) for p in self.params}
 
     def reconstruct(self, problem, params: dict | None = None, events: Events | None = None) -> Result:
-        return self.run(problem, self.validate(params), events or Events())
+        params, events = self.validate(params), events or Events()
+        if params.get("ensemble", 1) > 1:
+            return self._ensemble(problem, params, events)
+        return self.run(problem, params, events)
+
+    def _ensemble(self, problem, params: dict, events: Events) -> Result:
+        """The mean of ``ensemble`` runs with seeds seed, seed + 1, ...; uncertainty: the SD of that mean.
+
+        The runs differ in their splits of the counts and their initial weights, not in the measured
+        data, so their spread is the method's own variability: the part of the noise the average
+        removes. The data's noise, which every run shares, is not in it; a run's own map (n2n's
+        two halves) is, so where the runs have one the returned map is the larger of the two."""
+        import numpy as np
+
+        members, seed = params["ensemble"], params["seed"]
+        images, own_variances, infos = [], [], []
+        for member in range(members):
+            result = self.run(problem, {**params, "seed": seed + member}, _member_events(events, member, members))
+            images.append(result.image)
+            infos.append(result.info)
+            if result.uncertainty is not None:
+                own_variances.append(np.square(result.uncertainty))
+        stack = np.stack(images)
+        spread = stack.std(0, ddof=1) / np.sqrt(members)
+        uncertainty = spread if len(own_variances) < members else np.maximum(spread, np.sqrt(np.mean(own_variances, 0)))
+        info = {**infos[0], "ensemble": members, "seeds": [seed + m for m in range(members)],
+                "members": [{k: v for k, v in i.items() if k in ("best_step", "stopped_at", "seed")} for i in infos]}
+        return Result(stack.mean(0), info, uncertainty)
 
     def describe(self) -> dict:
         return {"name": self.name, "title": self.title, "family": self.family,

@@ -1,4 +1,4 @@
-"""OSEM and MAP (one-step-late and BSREM) with a relative difference prior, from PyTomography."""
+"""OSEM, MAP (one-step-late and BSREM) with a relative difference prior, and kernel EM with CT-derived kernels, from PyTomography."""
 from __future__ import annotations
 
 from . import Events, Method, Param, Result, register
@@ -70,6 +70,31 @@ def run_bsrem(problem, params, events):
     return _run(algorithm, problem, params, events)
 
 
+def run_kem(problem, params, events):
+    """Kernel EM: the image is K alpha, each voxel a CT-weighted mean of its neighbours' coefficients.
+
+    The support image is the CT channel (mu over water's mu at the photopeak, the networks' CT
+    input), so the kernel's width in it is a fraction of water's attenuation on every scan."""
+    import torch
+    from pytomography.algorithms import KEM
+    from pytomography.likelihoods import PoissonLogLikelihood
+    from pytomography.projectors.shared import KEMSystemMatrix
+    from pytomography.transforms.shared import KEMTransform
+
+    from ..errors import SSPECTError
+    from .toolkit.inputs import ct_channel, has_ct
+
+    if not has_ct(problem):
+        raise SSPECTError("Kernel EM needs a CT for its kernels; give the CT or choose osem.")
+    ct_sigma, distance_sigma_cm = params["ct_sigma"], params["distance_sigma_mm"] / 10
+    kernel = KEMTransform([ct_channel(problem).cpu()],
+                          support_kernels_params=[[ct_sigma]], distance_kernel_params=[distance_sigma_cm],
+                          size=params["kernel_size"], top_N=params["top_n"] or None,
+                          kernel_on_gpu=torch.device(problem.device).type != "cpu")
+    system_matrix = KEMSystemMatrix(problem.system_matrix, kernel)
+    return _run(KEM(PoissonLogLikelihood(system_matrix, problem.projections, problem.scatter)), problem, params, events)
+
+
 PRIOR_PARAMS = (BETA, GAMMA, CT_WEIGHTS, CT_NEIGHBOURS)
 register(Method("osem", "OSEM", "classical", (ITERATIONS, SUBSETS), run_osem))
 register(Method("osl-map", "MAP (one-step-late EM, relative difference prior)", "classical",
@@ -78,3 +103,10 @@ register(Method("bsrem", "MAP (BSREM, relative difference prior)", "classical",
                 (Param("iterations", int, 6, "Number of full passes through the data", 1, 200), SUBSETS) + PRIOR_PARAMS
                 + (Param("relaxation_decay", float, 0.1, "Relaxation a(n) = 1/(1 + decay*n) that makes BSREM converge", 0.0, 10.0),),
                 run_bsrem))
+register(Method("kem", "Kernel EM (CT-derived kernels)", "classical",
+                (ITERATIONS, SUBSETS,
+                 Param("kernel_size", int, 3, "Neighbourhood of each kernel, voxels per side", choices=(3, 5, 7, 9)),
+                 Param("ct_sigma", float, 0.1, "Width of the CT kernel, in water's attenuation (0.1: 10 % of water)", 0.001, 10.0),
+                 Param("distance_sigma_mm", float, 4.4, "Width of the distance kernel in mm", 0.1, 100.0),
+                 Param("top_n", int, 0, "Keep only the N most CT-similar neighbours (0: all)", 0, 729)),
+                run_kem))

@@ -27,6 +27,7 @@ PARAMS = parameters.stopped_training(300, 0.003, 5, 10, "Maximum number of optim
     parameters.features(16),
     parameters.UPSAMPLING,
     parameters.SEED,
+    parameters.ENSEMBLE,
 )
 
 

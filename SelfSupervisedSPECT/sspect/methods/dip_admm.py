@@ -67,6 +67,7 @@ PARAMS = (
     parameters.features(16),
     parameters.UPSAMPLING,
     parameters.SEED,
+    parameters.ENSEMBLE,
 )
 
 

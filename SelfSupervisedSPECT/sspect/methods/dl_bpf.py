@@ -84,6 +84,7 @@ PARAMS = parameters.stopped_training(
     Param("fine_tune_steps", int, 100,
           "Likelihood steps adapting the pretrained network to this scan (0: apply it as it is)", 0, 100000),
     parameters.SEED,
+    parameters.ENSEMBLE,
 )
 
 

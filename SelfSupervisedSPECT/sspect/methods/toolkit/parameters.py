@@ -18,6 +18,8 @@ UPSAMPLING = Param(
     "the default steps, a worse fit)", choices=UPSAMPLING_CHOICES)
 SEED = Param("seed", int, 0, "Seed of the network weights and of the count splits (same seed, same image on the same CPU)",
              0, 2**31 - 1)
+ENSEMBLE = Param("ensemble", int, 1, "Runs averaged, each with its own seed (its own splits and weights); their spread "
+                 "is the uncertainty map", 1, 32)
 
 
 def steps(default: int, what: str = "Maximum number of optimiser steps of the network") -> Param:
@@ -61,4 +63,4 @@ def stopped_training(steps_default: int, learning_rate_default: float, interval_
 def denoiser_params() -> tuple[Param, ...]:
     """A per-scan denoiser of OSEM images or projections (n2n, noise2inverse, neighbor2neighbor)."""
     return osem_params(20, 4) + stopped_training(300, 0.0003, 25, 4, "Maximum number of optimiser steps of the denoiser") \
-        + (features(8), UPSAMPLING, SEED)
+        + (features(8), UPSAMPLING, SEED, ENSEMBLE)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .errors import TERMINATED_EXIT_CODE, SSPECTError, Terminated, sigterm_as_interrupt
 from .eval.harness import GRIDS
+from .methods.toolkit.networks import UPSAMPLING
 
 
 def _settings(args, method_params: dict):
@@ -223,7 +224,7 @@ def command_pretrain(args) -> int:
 
     command = "sspect " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["pretrain"] else "sspect pretrain"
     metadata = pretrain_dl_bpf(args.phantoms, args.seconds, args.out, args.steps, args.pretrain_steps, args.features,
-                               args.seed, grid_config(args.grid), command)
+                               args.seed, grid_config(args.grid), command, args.upsampling)
     print(f"Network written: {args.out} (voxel {metadata['voxel_mm']} mm, sha256 {metadata['sha256'][:12]}...)")
     return 0
 
@@ -383,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--pretrain-steps", type=int, default=800, help="steps fitting each scan's short OSEM first")
     pre.add_argument("--features", type=int, default=16)
     pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--upsampling", default="transposed", choices=UPSAMPLING,
+                     help="the U-Net's upsampling: transposed convolutions, or resize (interpolation and a convolution: no checkerboard)")
     pre.add_argument("--out", required=True, help="the .safetensors file to write")
     pre.set_defaults(func=command_pretrain)
 

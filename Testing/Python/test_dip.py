@@ -39,7 +39,7 @@ def test_dip_is_registered_as_a_self_supervised_method():
     method = all_methods()["dip"]
     assert method.family == "self-supervised" and method.title == "Deep image prior (CT input)"
     assert {p.name for p in method.params} == {"steps", "learning_rate", "validation_fraction", "validation_interval",
-                                               "patience", "pretrain_steps", "features", "upsampling", "seed"}
+                                               "patience", "pretrain_steps", "features", "upsampling", "seed", "ensemble"}
     assert method.validate({"steps": "40", "seed": "7"})["steps"] == 40
     json.dumps(method.describe())
 

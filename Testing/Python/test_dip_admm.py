@@ -36,7 +36,7 @@ def test_dip_admm_is_registered_as_a_self_supervised_method():
     assert method.family == "self-supervised"
     assert {p.name for p in method.params} == {
         "iterations", "osem_iterations", "subsets", "rho", "fit_steps", "learning_rate", "pretrain_steps",
-        "validation_fraction", "patience", "features", "upsampling", "seed"}
+        "validation_fraction", "patience", "features", "upsampling", "seed", "ensemble"}
     assert method.validate({"rho": "0.5", "seed": "7"})["rho"] == 0.5
     json.dumps(method.describe())
 

@@ -87,7 +87,7 @@ def test_dl_bpf_is_registered_as_a_self_supervised_method():
     assert method.family == "self-supervised"
     assert {p.name for p in method.params} == {
         "steps", "learning_rate", "validation_fraction", "validation_interval", "patience", "pretrain_steps",
-        "features", "upsampling", "ct_input", "weights", "fine_tune_steps", "seed"}
+        "features", "upsampling", "ct_input", "weights", "fine_tune_steps", "seed", "ensemble"}
     params = method.validate({"steps": "40", "ct_input": "false", "weights": ""})
     assert params["steps"] == 40 and params["ct_input"] is False and params["fine_tune_steps"] == 100
     json.dumps(method.describe())
@@ -162,6 +162,18 @@ def test_pretraining_writes_a_described_network_that_reloads_to_the_same_outputs
     as_is = {"features": 4, "weights": str(pretrained["path"]), "fine_tune_steps": 0}
     once, again = (get_method("dl-bpf").reconstruct(problem, as_is).image for _ in range(2))
     assert np.array_equal(once, again)
+
+
+def test_a_network_pretrained_with_resize_upsampling_says_so_and_reloads_with_it(other_scans, problem, tmp_path):
+    from sspect.methods.toolkit.networks import upsampling_of
+
+    path = tmp_path / "resize.safetensors"
+    metadata = pretrain(other_scans, path, steps=2, seed=3, features=4, pretrain_steps=1, upsampling="resize")
+    assert metadata["upsampling"] == "resize"
+    network, description = load_network(path, problem, features=4, in_channels=2)
+    assert description["upsampling"] == "resize" and upsampling_of(network) == "resize"
+    image = get_method("dl-bpf").reconstruct(problem, {"features": 4, "weights": str(path), "fine_tune_steps": 0}).image
+    assert np.all(np.isfinite(image)) and image.min() > 0
 
 
 def test_a_pretrained_network_applies_to_another_scan_as_it_is(pretrained, problem):

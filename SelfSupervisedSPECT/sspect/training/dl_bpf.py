@@ -27,8 +27,8 @@ LEARNING_RATE = 0.003
 
 
 def pretrain(problems, out_path, steps: int, seed: int = 0, features: int = 16, *, pretrain_steps: int = 200,
-             learning_rate: float = LEARNING_RATE, ct_input: bool = True, events: Events | None = None,
-             training_data: dict | None = None) -> dict:
+             learning_rate: float = LEARNING_RATE, ct_input: bool = True, upsampling: str = "transposed",
+             events: Events | None = None, training_data: dict | None = None) -> dict:
     """Train one DL-BPF network over ``problems`` and save it to ``out_path``; returns the file's description.
 
     ``training_data`` (what the scans were, how to make them again) is recorded in the file for the user.
@@ -60,7 +60,7 @@ def pretrain(problems, out_path, steps: int, seed: int = 0, features: int = 16, 
             scatter = scatter_or_zeros(problem)
             start = short_osem(problem.system_matrix, counts, scatter) if pretrain_steps else None
             scans.append((problem, counts, scatter, Inputs(problem, counts, scatter, with_ct[0]), start))
-        network = unet(features, in_channels, head="positive").to(problems[0].device)
+        network = unet(features, in_channels, head="positive", upsampling=upsampling).to(problems[0].device)
 
         def objective(step):
             index = (step - 1) % len(scans)
@@ -82,7 +82,8 @@ def pretrain(problems, out_path, steps: int, seed: int = 0, features: int = 16, 
 
 
 def pretrain_dl_bpf(phantoms: str, seconds: str, out, steps: int, pretrain_steps: int, features: int = 16,
-                    seed: int = 0, config: HarnessConfig | None = None, command: str = "sspect pretrain") -> dict:
+                    seed: int = 0, config: HarnessConfig | None = None, command: str = "sspect pretrain",
+                    upsampling: str = "transposed") -> dict:
     """Pretrain a DL-BPF network on the harness's simulated scans (written as DICOM and read back) and save it."""
     config = config or HarnessConfig()
     specs = parse_phantoms(phantoms)
@@ -101,7 +102,7 @@ def pretrain_dl_bpf(phantoms: str, seconds: str, out, steps: int, pretrain_steps
         try:
             data = {"phantoms": [spec.name for spec in specs], "seconds_per_view": levels, "grid": config_dict(config),
                     "command": command}
-            return pretrain(problems, out, steps, seed, features, pretrain_steps=pretrain_steps, events=Events(on_event),
-                            training_data=data)
+            return pretrain(problems, out, steps, seed, features, pretrain_steps=pretrain_steps, upsampling=upsampling,
+                            events=Events(on_event), training_data=data)
         finally:
             bar.close()

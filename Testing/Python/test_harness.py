@@ -78,6 +78,10 @@ def test_benchmark_command_writes_csv_report_and_figures(tmp_path):
     assert len(rows) == 2 * 2 * 2  # phantoms x count levels x realisations
     curves = list(csv.DictReader(open(tmp_path / "curves.csv")))
     assert {int(r["iteration"]) for r in curves} == {1, 2, 3}
+    # each iterate's NRMSE (a method's path, for its best point): the last one is the final image's
+    key = lambda r: (r["phantom"], r["seconds_per_view"], r["realisation"])
+    last = {key(r): float(r["nrmse"]) for r in curves if r["iteration"] == "3"}
+    assert all(float(r["nrmse"]) == pytest.approx(last[key(r)], rel=1e-5) for r in rows)
 
 
 def test_phantom_and_method_specs_are_parsed_and_refused_clearly():

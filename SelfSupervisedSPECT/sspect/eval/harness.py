@@ -109,7 +109,7 @@ def run_case(simulated: dict, case: Case, config: HarnessConfig, work_dir) -> Ca
 
     from ..methods import Events
     from ..pipeline import Settings, load_study, reconstruct_study
-    from .metrics import evaluate, region_masks
+    from .metrics import evaluate, nrmse, region_masks
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # cases run side by side; one thread each is fastest and reproducible
@@ -134,7 +134,7 @@ def run_case(simulated: dict, case: Case, config: HarnessConfig, work_dir) -> Ca
                       "photopeak_counts": float(counts.peak.sum()), "run_time_s": provenance["run_time_s"]}
             result.rows.append({**common, **evaluate(activity, truth, regions=regions), **_background_cov(activity, regions)})
             for iteration, iterate in iterates:
-                result.curves.append({**common, "iteration": iteration,
+                result.curves.append({**common, "iteration": iteration, "nrmse": nrmse(iterate, truth.activity),
                                       **{f"mean_{name}": float(iterate[mask].mean()) for name, mask in regions.items()},
                                       **_background_cov(iterate, regions)})
             if case.keep_images:

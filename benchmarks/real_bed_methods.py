@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -30,6 +31,12 @@ REPO = Path(__file__).resolve().parents[1]
 STUDY = REPO.parent / "shared" / "data" / "lu177_ge670"
 DEFAULT_METHODS = ("osem:iterations=4:subsets=6,bsrem:iterations=6:subsets=6:beta=0.3,n2n:domain=image,noise2inverse,"
                    "n2n:domain=projection,dl-bpf:weights=shipped,dip,dip-admm,dl-bpf,post-unet,unrolled-mapem")
+
+
+def file_name(label: str) -> str:
+    """A result name the engine accepts: a weights path's folders dropped, other characters made dashes."""
+    words = [word.split("=", 1)[0] + "=" + Path(word.split("=", 1)[1]).stem if "/" in word else word for word in label.split()]
+    return re.sub(r"[^A-Za-z0-9_.+()-]", "-", "_".join(words))[:80]
 
 
 def run_one(spec: str, binning: int, out: Path) -> dict:
@@ -46,7 +53,7 @@ def run_one(spec: str, binning: int, out: Path) -> dict:
     (name, params), = parse_methods(spec)
     label = spec.replace(":", " ")
     settings = Settings(method=name, params=params, device="cpu", formats=("nrrd",), detector_binning=binning,
-                        name=label.replace(" ", "_").replace("=", "-"), overwrite=True)
+                        name=file_name(label), overwrite=True)
     started = time.perf_counter()
     result = run(str(STUDY / "NM" / "bed1_projections.dcm"), str(STUDY / "CT"), settings, out / "images")
     seconds = time.perf_counter() - started

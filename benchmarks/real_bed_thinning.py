@@ -34,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 
+from real_bed_methods import file_name  # the sibling benchmark's rule for result names
+
 REPO = Path(__file__).resolve().parents[1]
 STUDY = REPO.parent / "shared" / "data" / "lu177_ge670"
 REFERENCE = "osem:iterations=4:subsets=6"
@@ -131,7 +133,7 @@ def run_all(methods, fractions, draws, out: Path) -> list[dict]:
                 if (label, fraction, draw) in done:
                     continue
                 print(f"{label}, {fraction:g} of the counts, draw {draw} ...", file=sys.stderr, flush=True)
-                name = f"{label}_{fraction:g}_{draw}".replace(" ", "_").replace("=", "-")
+                name = file_name(f"{label}_{fraction:g}_{draw}")
                 image, _, seconds = reconstruct(spec, nm, name, out)
                 if draw == 0:
                     np.save(out / "images" / f"{name}.npy", image)
@@ -209,7 +211,7 @@ def _plot_panels(rows, out: Path) -> None:
     affine = np.load(out / "images" / "affine.npy")
     images = {"osem, all counts": reference}
     for method in dict.fromkeys(r["method"] for r in rows):
-        file = out / "images" / (f"{method}_{fraction:g}_0".replace(" ", "_").replace("=", "-") + ".npy")
+        file = out / "images" / (file_name(f"{method}_{fraction:g}_0") + ".npy")
         if file.exists():
             images[f"{method}, {fraction:g} of the counts"] = np.load(file) / fraction
     ct = read_ct_series(str(STUDY / "CT"))

@@ -575,7 +575,9 @@ class SelfSupervisedSPECTWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self._parameterValues[previous] = self._parameters()
         method = self._currentMethod()
         description = self._methods.get(method, {})
-        self.ui.methodDescriptionLabel.text = f"{description.get('family', '')} method '{method}'".strip()
+        summary = f"{description.get('family', '')} method '{method}'".strip()
+        advice = description.get("advice")
+        self.ui.methodDescriptionLabel.text = f"{summary}: {advice}" if advice else summary
         self._buildParameterForm(description.get("params", []), self._parameterValues.get(method, {}))
         self._parametersMethod = method
         self.updateButtons()

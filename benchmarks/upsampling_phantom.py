@@ -20,13 +20,15 @@ from pathlib import Path
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default="dip,n2n")
+    parser.add_argument("--methods", default="dip,n2n", help="name:param=value:..., comma-separated")
+    parser.add_argument("--upsampling", default="transposed,resize", help="the upsamplings each method runs with")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="upsampling-output")
     args = parser.parse_args()
     import numpy as np
     import torch
 
+    from sspect.eval.benchmark import parse_methods
     from sspect.eval.metrics import checkerboard_index, nrmse
     from sspect.methods import get_method
     from sspect.pipeline import Settings, bed_problem, bq_per_ml_factor, load_study
@@ -48,11 +50,11 @@ def main() -> int:
     osem = get_method("osem").reconstruct(problem, {"iterations": 10, "subsets": 4}).image
     rows.append({"method": "osem 10x4", "nrmse": nrmse(osem * to_mbq_per_ml, truth), "seconds": time.perf_counter() - started,
                  "checkerboard": checkerboard_index(osem)})
-    for method in args.methods.split(","):
-        for upsampling in ("transposed", "resize"):
+    for spec, (method, params) in zip(args.methods.split(","), parse_methods(args.methods)):
+        for upsampling in args.upsampling.split(","):
             started = time.perf_counter()
-            result = get_method(method).reconstruct(problem, {"upsampling": upsampling})
-            rows.append({"method": f"{method} {upsampling}", "nrmse": nrmse(result.image * to_mbq_per_ml, truth),
+            result = get_method(method).reconstruct(problem, {**params, "upsampling": upsampling})
+            rows.append({"method": f"{spec.replace(':', ' ')} {upsampling}", "nrmse": nrmse(result.image * to_mbq_per_ml, truth),
                          "seconds": time.perf_counter() - started, "checkerboard": checkerboard_index(result.image),
                          "best_step": result.info.get("best_step")})
     (out / "results.json").write_text(json.dumps(rows, indent=2))

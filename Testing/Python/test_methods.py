@@ -51,6 +51,18 @@ def test_methods_command_prints_the_registry_as_json(capsys):
         assert {p["name"] for p in listed[name]["params"]} == params
 
 
+def test_methods_are_listed_best_first_each_with_what_it_is_for(capsys):
+    """The order and the advice the Slicer panel shows come from the clinical-grid report."""
+    from sspect.cli import main
+
+    assert main(["methods"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert list(listed)[:3] == ["osem", "bsrem", "n2n"]
+    assert all(description["advice"].endswith(".") for description in listed.values())
+    families = [description["family"] for description in listed.values()]
+    assert families.index("supervised") > families.index("self-supervised")  # 8.8 mm networks only: last
+
+
 def test_unknown_method_is_refused_with_the_choices():
     with pytest.raises(SSPECTError, match="Unknown method 'magic'; choose one of .*bsrem.*osem.*osl-map"):
         get_method("magic")

@@ -166,8 +166,31 @@ class Method:
         return Result(stack.mean(0), info, uncertainty)
 
     def describe(self) -> dict:
-        return {"name": self.name, "title": self.title, "family": self.family,
+        return {"name": self.name, "title": self.title, "family": self.family, "advice": ADVICE.get(self.name, ""),
                 "params": [p.describe() for p in self.params]}
+
+
+# The order `sspect methods` and the Slicer panel list the methods in, best first for 177Lu dosimetry
+# at the clinical grid, and what each is for: the evidence is docs/clinical-grid-report/findings.md.
+ADVICE = {
+    "osem": "The reference for organ dosimetry: at 4.4 mm the lowest torso NRMSE and organ errors of all methods; "
+            "give small lesions 20 or more iterations.",
+    "bsrem": "Less noise than OSEM (the lowest liver CoV on the thinned real bed) at a small cost in recovery; "
+             "for low-count scans.",
+    "n2n": "The best self-supervised method at 4.4 mm: beats OSEM on the NEMA spheres, ties it on torsos; "
+           "takes minutes on a CPU.",
+    "noise2inverse": "Like n2n (view splitting instead of count splitting), with the same strengths and costs.",
+    "kem": "CT-guided smoothing of organs; it loses lesions the CT does not show, so not for lesion dosimetry.",
+    "dip-admm": "Deep image prior with the CT (ADMM): best large-sphere recovery on the coarse grid; slow.",
+    "dip": "Deep image prior with the CT: worse than OSEM at 4.4 mm at its defaults, and paints a checkerboard.",
+    "neighbor2neighbor": "Projection-domain denoiser: no better than OSEM at 4.4 mm.",
+    "dl-bpf": "Reader's DL-BPF: per scan it fits the noise at low counts; the shipped (8.8 mm) network smooths "
+              "small spheres away and paints a checkerboard.",
+    "osl-map": "MAP by one-step-late EM: BSREM converges to the same images more safely.",
+    "post-unet": "Supervised correction of OSEM, trained at 8.8 mm (--binning 2) on torsos: it erases lesions "
+                 "it never saw; check against OSEM.",
+    "unrolled-mapem": "Supervised unrolled MAP-EM, trained at 8.8 mm (--binning 2): close to OSEM.",
+}
 
 
 REGISTRY: dict[str, Method] = {}
@@ -186,8 +209,10 @@ def get_method(name: str) -> Method:
 
 
 def all_methods() -> dict[str, Method]:
+    """Every method, in the order of :data:`ADVICE` (the evidence), then any others by name."""
     _load_builtin_methods()
-    return dict(REGISTRY)
+    order = list(ADVICE) + sorted(set(REGISTRY) - set(ADVICE))
+    return {name: REGISTRY[name] for name in order if name in REGISTRY}
 
 
 def _load_builtin_methods() -> None:

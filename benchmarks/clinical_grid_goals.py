@@ -31,8 +31,11 @@ OSEM = "osem"
 
 
 def read(path: Path) -> list[dict]:
+    """Rows of a CSV; a row repeated by merged runs (the same method on the same draw in two runs) counts once."""
     with open(path, newline="") as handle:
-        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+        rows = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+    key = lambda r: (r["phantom"], r["seconds_per_view"], r["realisation"], r["method"], r.get("iteration"))
+    return list({key(r): r for r in rows}.values())
 
 
 def _number(text):

@@ -4,9 +4,9 @@ from __future__ import annotations
 from . import Events, Method, Param, Result, register
 from .toolkit.counts import check_subsets
 
-ITERATIONS = Param("iterations", int, 4, "Number of full passes through the data", 1, 200)
+ITERATIONS = Param("iterations", int, 10, "Number of full passes through the data (10: near the lowest NRMSE at 4.4 mm, 60 views, 6 subsets)", 1, 200)
 SUBSETS = Param("subsets", int, 6, "Number of ordered subsets (views per subset = views / subsets)", 1, 64)
-BETA = Param("beta", float, 0.3, "Strength of the relative difference prior", 0.0, 100.0)
+BETA = Param("beta", float, 0.1, "Strength of the relative difference prior (0.1: the best of 0.03, 0.1, 0.3 at 4.4 mm)", 0.0, 100.0)
 GAMMA = Param("gamma", float, 2.0, "Edge preservation of the relative difference prior (larger keeps edges)", 0.0, 100.0)
 CT_WEIGHTS = Param("ct_weights", bool, False, "Weight prior neighbours by CT similarity (top-N of 26 neighbours)")
 CT_NEIGHBOURS = Param("ct_neighbours", int, 8, "Neighbours kept by the CT weights", 1, 26)
@@ -100,7 +100,7 @@ register(Method("osem", "OSEM", "classical", (ITERATIONS, SUBSETS), run_osem))
 register(Method("osl-map", "MAP (one-step-late EM, relative difference prior)", "classical",
                 (ITERATIONS, SUBSETS) + PRIOR_PARAMS, run_osl_map))
 register(Method("bsrem", "MAP (BSREM, relative difference prior)", "classical",
-                (Param("iterations", int, 6, "Number of full passes through the data", 1, 200), SUBSETS) + PRIOR_PARAMS
+                (ITERATIONS, SUBSETS) + PRIOR_PARAMS
                 + (Param("relaxation_decay", float, 0.1, "Relaxation a(n) = 1/(1 + decay*n) that makes BSREM converge", 0.0, 10.0),),
                 run_bsrem))
 register(Method("kem", "Kernel EM (CT-derived kernels)", "classical",

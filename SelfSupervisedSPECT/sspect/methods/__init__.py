@@ -173,12 +173,11 @@ class Method:
 # The order `sspect methods` and the Slicer panel list the methods in, best first for 177Lu dosimetry
 # at the clinical grid, and what each is for: the evidence is docs/clinical-grid-report/findings.md.
 ADVICE = {
-    "osem": "The reference for organ dosimetry: at 4.4 mm the lowest torso NRMSE and organ errors of all methods; "
-            "give small lesions 20 or more iterations.",
-    "bsrem": "Less noise than OSEM (the lowest liver CoV on the thinned real bed) at a small cost in recovery; "
-             "for low-count scans.",
-    "n2n": "The best self-supervised method at 4.4 mm: beats OSEM on the NEMA spheres, ties it on torsos; "
-           "takes minutes on a CPU.",
+    "osem": "The reference for organ dosimetry: no method beat its torso NRMSE at 4.4 mm; on low-count scans "
+            "give it fewer iterations or use bsrem.",
+    "bsrem": "For low-count scans (beta 0.1) and hot spheres; on organs at clinical counts a little behind OSEM.",
+    "n2n": "The best self-supervised method at 4.4 mm: beats OSEM on hot spheres (NEMA), ties it on torsos; "
+           "ensemble=3 helps a little; minutes on a CPU.",
     "noise2inverse": "Like n2n (view splitting instead of count splitting), with the same strengths and costs.",
     "kem": "CT-guided smoothing of organs; it loses lesions the CT does not show, so not for lesion dosimetry.",
     "dip-admm": "Deep image prior with the CT (ADMM): best large-sphere recovery on the coarse grid; slow.",

@@ -180,9 +180,9 @@ def goals(table, recovery, thinning) -> list[str]:
         lines.append(f"| {phantom}, {CLINICAL:g} s/view: a self-supervised NRMSE >= 10 % below OSEM's best iteration "
                      f"({osem_best:.3f}, so <= {target:.3f}) | {short(best['method'])}: {best['nrmse']:.3f} "
                      f"({100 * (best['nrmse'] / osem_best - 1):+.1f} %) | {'yes' if met else 'no'} |")
-        o = osem[0]
+        o = min(osem, key=lambda t: t["nrmse"])  # the OSEM run whose final image is best (its organ errors)
         organs_met = best["cortex"] <= o["cortex"] and best["lesions"] <= o["lesions"] and abs(best["total"]) <= 2
-        lines.append(f"| {phantom}: that method's kidney cortex and lesion errors no worse than OSEM's, total within 2 % | "
+        lines.append(f"| {phantom}: that method's kidney cortex and lesion errors no worse than {short(o['method'])}'s, total within 2 % | "
                      f"cortex {best['cortex']:.1f} % vs {o['cortex']:.1f} %, lesions {best['lesions']:.1f} % vs "
                      f"{o['lesions']:.1f} %, total {best['total']:+.1f} % | {'yes' if organs_met else 'no'} |")
     for method in dict.fromkeys(r["method"] for r in recovery):

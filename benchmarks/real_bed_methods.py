@@ -33,6 +33,14 @@ DEFAULT_METHODS = ("osem:iterations=4:subsets=6,bsrem:iterations=6:subsets=6:bet
                    "n2n:domain=projection,dl-bpf:weights=shipped,dip,dip-admm,dl-bpf,post-unet,unrolled-mapem")
 
 
+def study_present() -> bool:
+    """True when the real bed is in ../shared; otherwise says so in one sentence."""
+    if (STUDY / "NM" / "bed1_projections.dcm").exists():
+        return True
+    print(f"The real study is not at {STUDY}; this benchmark needs ../shared beside the repository.", file=sys.stderr)
+    return False
+
+
 def file_name(label: str) -> str:
     """A result name the engine accepts: a weights path's folders dropped, other characters made dashes."""
     words = [word.split("=", 1)[0] + "=" + Path(word.split("=", 1)[1]).stem if "/" in word else word for word in label.split()]
@@ -149,8 +157,7 @@ def main() -> int:
     if args.one:
         print(json.dumps(run_one(args.one, args.binning, out)))
         return 0
-    if not (STUDY / "NM" / "bed1_projections.dcm").exists():
-        print(f"The real study is not at {STUDY}; this benchmark needs ../shared beside the repository.", file=sys.stderr)
+    if not study_present():
         return 2
     if args.from_json:
         rows = json.loads((out / "results.json").read_text())

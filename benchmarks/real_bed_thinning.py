@@ -34,10 +34,8 @@ import sys
 import time
 from pathlib import Path
 
-from real_bed_methods import file_name  # the sibling benchmark's rule for result names
+from real_bed_methods import STUDY, file_name, study_present  # the sibling benchmark's study and result names
 
-REPO = Path(__file__).resolve().parents[1]
-STUDY = REPO.parent / "shared" / "data" / "lu177_ge670"
 REFERENCE = "osem:iterations=4:subsets=6"
 DEFAULT_METHODS = REFERENCE + ",bsrem:iterations=6:subsets=6:beta=0.1,kem,n2n:domain=image,noise2inverse"
 LIVER_CENTRE_LPS_MM = (-72.6, 48.4, 2.4)
@@ -241,8 +239,7 @@ def main() -> int:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if not (STUDY / "NM" / "bed1_projections.dcm").exists():
-        print(f"The real study is not at {STUDY}; this benchmark needs ../shared beside the repository.", file=sys.stderr)
+    if not study_present():
         return 2
     if args.from_json:
         rows = json.loads((out / "results.json").read_text())

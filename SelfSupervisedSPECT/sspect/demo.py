@@ -16,7 +16,7 @@ from .pipeline import Settings, load_study, reconstruct_study, write_results
 # dip-admm serves the demo phantom best of the self-supervised methods: the lowest voxel NRMSE and the
 # best lesion recovery (benchmarks/demo_methods.py, docs/operator/demo_methods.md)
 SELF_SUPERVISED = "dip-admm"
-QUICK_SELF_SUPERVISED = {"features": 4, "pretrain_steps": 30, "iterations": 30, "fit_steps": 10}  # dip-admm: 30 outer iterations
+QUICK_SELF_SUPERVISED = {"features": 4, "pretrain_steps": 60, "iterations": 30, "fit_steps": 10}  # dip-admm: 30 outer iterations
 
 
 def truth_comparison(image, phantom) -> dict:

@@ -202,7 +202,7 @@ def goals(table, recovery, thinning) -> list[str]:
                 break
             cov_drop = 1 - entry["liver_cov"] / reference["liver_cov"]
             met = cov_drop >= 0.3 and abs(entry["hot_error_pct"]) <= 5
-            lines.append(f"| real bed, 25 % counts, {short(entry['method'].replace(' ', ' '))}: liver CoV >= 30 % below OSEM's at 25 %, hot uptakes "
+            lines.append(f"| real bed, 25 % counts, {short(entry['method'])}: liver CoV >= 30 % below OSEM's at 25 %, hot uptakes "
                          f"within 5 % of full-count OSEM (no kidneys in this bed) | CoV {entry['liver_cov']:.3f} vs "
                          f"{reference['liver_cov']:.3f} ({100 * abs(cov_drop):.0f} % {'lower' if cov_drop >= 0 else 'higher'}), hot uptakes {entry['hot_error_pct']:+.1f} % "
                          f"(worst {entry['worst_hot_error_pct']:+.1f} %) | {'yes' if met else 'no'} |")

@@ -15,11 +15,11 @@ def parse_phantoms(text: str) -> list[PhantomSpec]:
     """'nema8,nema4,torso0,dotatate1' -> phantom specs (torso<seed>: 177Lu-PSMA; dotatate<seed>: the same anatomy with 177Lu-DOTATATE)."""
     specs = []
     for item in filter(None, (t.strip() for t in text.split(","))):
-        match = re.fullmatch(r"(nema|torso|dotatate)(\d+(?:\.\d+)?)?(?:to1)?", item)
-        if not match or match.group(1) != "nema" and match.group(2) and not match.group(2).isdigit():
+        match = re.fullmatch(r"(nema)(\d+(?:\.\d+)?)?(?:to1)?|(torso|dotatate)(\d+)?", item)  # a ratio; a whole seed
+        if not match:
             raise SSPECTError(f"Unknown phantom '{item}'; write nema<ratio> (e.g. nema8), torso<seed> (e.g. torso0, PSMA) "
                               "or dotatate<seed> (e.g. dotatate1).")
-        kind, number = match.group(1), match.group(2)
+        kind, number = (match.group(1), match.group(2)) if match.group(1) else (match.group(3), match.group(4))
         if kind == "nema":
             specs.append(PhantomSpec("nema", ratio=float(number or 8)))
         else:

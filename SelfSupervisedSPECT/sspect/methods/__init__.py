@@ -58,7 +58,7 @@ def _member_events(events: Events, member: int, members: int) -> Events:
                      "message": f"run {member + 1}/{members}: {event.get('message', '')}"}
         events.emit(**event)
 
-    return Events(on_event, events.should_stop, (lambda n, x: events.iterate(n, x)) if member == 0 and events.wants_iterates else None)
+    return Events(on_event, events.should_stop, events.iterate if member == 0 and events.wants_iterates else None)
 
 
 TRUE_WORDS = {"1", "true", "yes", "on"}

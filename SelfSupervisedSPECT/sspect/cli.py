@@ -213,7 +213,9 @@ def command_dataset(args) -> int:
     from .eval.harness import grid_config
 
     levels = [float(s) for s in args.seconds.split(",")]
-    manifest = run_dataset(args.n, args.out, args.first_seed, levels, args.workers, args.scheduler, config=grid_config(args.grid))
+    tracers = tuple(t.strip().upper() for t in args.tracers.split(","))
+    manifest = run_dataset(args.n, args.out, args.first_seed, levels, args.workers, args.scheduler, config=grid_config(args.grid),
+                           tracers=tracers)
     print(f"Dataset written: {manifest}")
     return 0
 
@@ -239,6 +241,7 @@ def command_train(args) -> int:
     settings = TrainSettings(kind=args.kind, steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
                              seed=args.seed, features=args.features, iterations=args.iterations, ct_input=not args.no_ct,
                              start_iterations=args.start_iterations, start_subsets=args.start_subsets,
+                             lesion_weight=args.lesion_weight, upsampling=args.upsampling,
                              validation_cases=args.validation_cases, validation_interval=args.validation_interval,
                              checkpoint_interval=args.checkpoint_interval, device=args.device)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only process 0 talks
@@ -372,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     dataset.add_argument("--first-seed", type=int, default=0)
     dataset.add_argument("--seconds", default="20", help="seconds per view; several (comma-separated) are used in turn over the cases")
     dataset.add_argument("--grid", default="standard", choices=tuple(GRIDS), help="as for `sspect benchmark`")
+    dataset.add_argument("--tracers", default="PSMA", help="PSMA, DOTATATE; several (comma-separated) are used in turn over the cases")
     dataset.add_argument("--out", required=True)
     _add_distribution_options(dataset)
     dataset.set_defaults(func=command_dataset)
@@ -398,8 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--features", type=int, default=16, help="channels of the network's first level")
     tr.add_argument("--iterations", type=int, default=3, help="unrolled MAP-EM iterations")
     tr.add_argument("--no-ct", action="store_true", help="do not give the network the CT as a second channel")
+    tr.add_argument("--upsampling", default="transposed", choices=UPSAMPLING,
+                    help="the U-Net's upsampling: transposed convolutions, or resize (interpolation and a convolution: no checkerboard)")
     tr.add_argument("--start-iterations", type=int, default=4, help="OSEM iterations of the start image")
     tr.add_argument("--start-subsets", type=int, default=6, help="OSEM subsets of the start image")
+    tr.add_argument("--lesion-weight", type=float, default=1.0,
+                    help="weight of the lesions' mean-activity error beside the NRMSE^2 in the loss (0: NRMSE alone)")
     tr.add_argument("--validation-cases", type=int, default=2, help="the dataset's last cases, held out")
     tr.add_argument("--validation-interval", type=int, default=50)
     tr.add_argument("--checkpoint-interval", type=int, default=50)

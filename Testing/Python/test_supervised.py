@@ -40,7 +40,7 @@ def dataset(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("dataset")
     run_dataset(3, folder, first_seed=5, seconds_per_view=[20.0, 80.0], workers=0, osem="iterations=2:subsets=4",
-                config=SMALL)
+                config=SMALL, tracers=("PSMA", "DOTATATE"))
     return folder
 
 
@@ -106,7 +106,42 @@ def test_training_lowers_the_loss_and_records_validation(runs, kind):
     best = min(history, key=lambda h: h["loss"])
     assert description["validation"]["step"] == best["step"] == description["training"]["best_step"]
     assert description["validation"]["cases"] == ["torso7_20s_r0"]  # the held-out (last) case, never trained on
-    assert set(description["training"]["data"]["training_cases"]) == {"torso5_20s_r0", "torso6_80s_r0"}
+    assert set(description["training"]["data"]["training_cases"]) == {"torso5_20s_r0", "dotatate6_80s_r0"}
+    validation = description["validation"]
+    assert description["training"]["settings"]["lesion_weight"] == 1.0  # the default loss weighs the lesions
+    assert validation["lesion_abs_error_pct_median"] >= 0 and validation["start_osem_lesion_abs_error_pct_median"] > 0
+
+
+def test_a_network_trained_with_resize_upsampling_says_so_and_reloads_as_one(dataset, held_out_problem, tmp_path):
+    """Resize upsampling (no transposed convolutions: no checkerboard) travels in the file's architecture."""
+    path, _ = _train(dataset, tmp_path, "post-unet", steps=2, validation_interval=2, upsampling="resize")
+    description = json.loads(path.with_suffix(".json").read_text())
+    assert description["architecture"]["upsampling"] == "resize"
+    result = get_method("post-unet").reconstruct(held_out_problem, {"weights": str(path)})
+    assert np.all(np.isfinite(result.image)) and result.image.min() >= 0
+
+
+def test_the_dataset_takes_tracers_and_count_levels_in_turn(dataset):
+    from sspect.training.dataset import run_dataset
+
+    cases = json.loads((dataset / "manifest.json").read_text())["cases"]
+    assert [(c["tracer"], c["seconds_per_view"]) for c in cases] == [("PSMA", 20.0), ("DOTATATE", 80.0), ("PSMA", 20.0)]
+    with pytest.raises(SSPECTError, match="Unknown tracer 'FDG'"):
+        run_dataset(1, dataset.parent / "fdg", tracers=("FDG",), workers=0, config=SMALL)
+
+
+def test_the_lesion_term_is_each_lesions_relative_activity_error_squared():
+    """Two lesions, one at half its activity and one right: (0.5^2 + 0) / 2, whatever the rest of the image."""
+    from sspect.methods.toolkit.losses import lesion_mean_error_squared
+
+    truth = torch.ones(6, 6, 6)
+    first, second = torch.zeros(6, 6, 6, dtype=torch.bool), torch.zeros(6, 6, 6, dtype=torch.bool)
+    first[1:3, 1:3, 1:3], second[4:6, 4:6, 4:6] = True, True
+    image = truth.clone()
+    image[first] = 0.5
+    image[0] = 7.0  # outside both lesions: not this term's business
+    assert float(lesion_mean_error_squared(image, truth, [first, second])) == pytest.approx(0.125)
+    assert float(lesion_mean_error_squared(image, truth, [])) == 0.0
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -190,8 +225,12 @@ def test_batches_are_a_function_of_seed_and_step():
     assert batch_indices(5, 5, seed=4, step=1) != first_epoch
 
 
-def test_two_processes_under_torchrun_give_the_single_process_weights(dataset, tmp_path):
-    """DistributedDataParallel (gloo): each process takes one case of the batch of two; averaged gradients."""
+def test_two_processes_under_torchrun_give_the_single_process_network(dataset, held_out_problem, tmp_path):
+    """DistributedDataParallel (gloo): each process takes one case of the batch of two; averaged gradients.
+
+    Compared by what the networks compute: a convolution's bias just before an instance norm has a
+    gradient of zero in exact arithmetic, so Adam turns its rounding noise into steps of the
+    learning rate's size, which move no output."""
     single = tmp_path / "single"
     train(dataset, single, TrainSettings(kind="post-unet", **{**TINY, "steps": 3, "validation_interval": 3}))
     double = tmp_path / "double"
@@ -204,9 +243,9 @@ def test_two_processes_under_torchrun_give_the_single_process_weights(dataset, t
         capture_output=True, text=True, env=environment, timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert "Network written" in completed.stdout
-    one, two = _checkpoint_tensors(single), _checkpoint_tensors(double)
-    for name in (n for n in one if n.startswith("model/")):  # identical here; a sum over processes may round otherwise
-        assert torch.allclose(one[name], two[name], rtol=1e-5, atol=1e-7), name
+    one, two = (get_method("post-unet").reconstruct(held_out_problem, {"weights": str(run / "model.safetensors")}).image
+                for run in (single, double))
+    assert np.allclose(one, two, rtol=1e-5, atol=1e-6 * float(np.abs(one).max()))
     description = json.loads((double / "model.json").read_text())
     assert description["training"]["processes"] == 2
 
@@ -249,6 +288,8 @@ def test_training_refuses_bad_requests_in_one_sentence(dataset, runs, tmp_path):
         (dict(folder=tmp_path / "new", data=dataset, resume=True), "no checkpoint"),
         (dict(folder=tmp_path / "few", data=dataset, validation_cases=3), "3 validation case"),
         (dict(folder=tmp_path / "odd", data=dataset, kind="gan"), "Unknown supervised network"),
+        (dict(folder=tmp_path / "negative", data=dataset, lesion_weight=-1.0), "lesion weight is -1"),
+        (dict(folder=tmp_path / "bilinear", data=dataset, upsampling="bilinear"), "Unknown upsampling 'bilinear'"),
     ]
     for request, message in requests:
         changes = {k: v for k, v in request.items() if k not in ("folder", "data", "resume", "kind")}
@@ -276,12 +317,19 @@ def test_training_refuses_bad_requests_in_one_sentence(dataset, runs, tmp_path):
 @pytest.mark.parametrize("kind", KINDS)
 def test_shipped_network_is_small_described_and_verified(kind):
     from sspect.methods.supervised import SHIPPED
+    from sspect.methods.toolkit.weights import shipped_networks
 
-    path = SHIPPED[kind]
+    networks = shipped_networks(SHIPPED[kind])
+    assert 8.8392 in networks  # the coarse one, for --binning 2, is kept
+    for voxel, path in networks.items():
+        _assert_described(kind, voxel, path)
+
+
+def _assert_described(kind, voxel, path):
     assert path.stat().st_size < 5e6
     description = json.loads(path.with_suffix(".json").read_text())
     assert description["kind"] == kind and description["isotope"] == "177Lu" and description["collimator"] == "GI-MEGP"
-    assert description["voxel_mm"] == pytest.approx([8.8392] * 3)
+    assert description["voxel_mm"] == pytest.approx([voxel] * 3) and f"{voxel:.1f}mm" in path.name
     data = description["training"]["data"]
     assert len(data["training_cases"]) >= 16 and len(data["validation_cases"]) >= 2
     assert len(data["manifest_sha256"]) == 64 and "sspect train" in description["training"]["command"]

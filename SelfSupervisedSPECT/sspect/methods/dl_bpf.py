@@ -66,12 +66,13 @@ from .toolkit.fitting import reproducible
 from .toolkit.inputs import backprojection_image, ct_channel, has_ct, short_osem
 from .toolkit.networks import Padding, describe, unet, upsampling_of
 from .toolkit.objectives import fit_likelihood, fit_to_image
-from .toolkit.weights import WEIGHTS_FOLDER, check_study, load_state, read_weights, resolve_weights, \
+from .toolkit.weights import check_study, load_state, read_weights, resolve_weights, \
     save_weights, tensors_of, voxel_mm
 
 FORMAT = "sspect-dl-bpf/1"
 # Pretrained with `sspect pretrain` (defaults) on four simulated torso scans; see docs/self-supervised-report.
-SHIPPED_WEIGHTS = WEIGHTS_FOLDER / "dl_bpf_lu177_megp_8.8mm.safetensors"
+# The files are sspect/weights/<stem>_<voxel size>.safetensors; 'shipped' takes the one at the study's voxel size.
+SHIPPED = "dl_bpf_lu177_megp"
 
 PARAMS = parameters.stopped_training(
     300, 0.003, 5, 10, "Maximum number of optimiser steps on the likelihood for a network trained on this scan only") + (
@@ -158,7 +159,7 @@ def run_dl_bpf(problem, params, events: Events) -> Result:
     info = {"regime": "per scan", "weights": "", "weights_sha256": "", "pretrain_steps": pretrain}
     with reproducible(problem.device, params["seed"]):
         if pretrained:
-            network, description = load_network(resolve_weights(params["weights"], SHIPPED_WEIGHTS), problem,
+            network, description = load_network(resolve_weights(params["weights"], SHIPPED, problem), problem,
                                                  features=params["features"], in_channels=in_channels)
             info.update({"regime": "pretrained, fine-tuned" if steps else "pretrained", "weights": params["weights"],
                          "weights_sha256": description["sha256"], "pretrained_on": description["training"]})

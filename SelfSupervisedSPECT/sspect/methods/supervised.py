@@ -48,13 +48,13 @@ from .toolkit.counts import check_subsets, scatter_or_zeros
 from .toolkit.fitting import reproducible
 from .toolkit.inputs import ct_channel, osem
 from .toolkit.networks import Padding, inverse_softplus, unet
-from .toolkit.weights import WEIGHTS_FOLDER, check_study, load_state, read_weights, \
+from .toolkit.weights import check_study, load_state, read_weights, \
     resolve_weights, save_weights, tensors_of, voxel_mm
 
 FORMAT = "sspect-supervised/1"
 KINDS = ("post-unet", "unrolled-mapem")
-SHIPPED = {"post-unet": WEIGHTS_FOLDER / "post_unet_lu177_megp_8.8mm.safetensors",
-           "unrolled-mapem": WEIGHTS_FOLDER / "unrolled_mapem_lu177_megp_8.8mm.safetensors"}
+# sspect/weights/<stem>_<voxel size>.safetensors; 'shipped' takes the one at the study's voxel size
+SHIPPED = {"post-unet": "post_unet_lu177_megp", "unrolled-mapem": "unrolled_mapem_lu177_megp"}
 
 
 # ---------------------------------------------------------------- what the networks see of a scan
@@ -206,7 +206,7 @@ def _runner(kind: str):
     def run(problem, params, events: Events) -> Result:
         import torch
 
-        path = resolve_weights(params["weights"], SHIPPED[kind])
+        path = resolve_weights(params["weights"], SHIPPED[kind], problem)
         with reproducible(problem.device, 0):  # building the network draws initial weights, replaced by the file's
             model, description = load_model(path, kind, problem)
         start = description["start_osem"]

@@ -9,26 +9,33 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..atomic import file_sha256, write_json_atomic
+from ..errors import SSPECTError
 from ..eval.benchmark import parse_methods, progress_bar, simulate_truth
 from ..eval.harness import CLINICAL_SECONDS_PER_VIEW, HarnessConfig, PhantomSpec, build_cases, config_dict, run_cases
 from ..io.volume_files import write_nrrd
+from ..sim.phantoms.torso import TORSO_UPTAKE
 from ..volume import Volume
 
 
 def run_dataset(n: int, out, first_seed: int = 0, seconds_per_view=CLINICAL_SECONDS_PER_VIEW,
                 workers: int = 2, scheduler: str | None = None, osem: str = "iterations=4:subsets=6",
-                config: HarnessConfig | None = None) -> Path:
+                config: HarnessConfig | None = None, tracers=("PSMA",)) -> Path:
     """N torso cases (truth, labels, CT, simulated NM DICOM, OSEM image) and a manifest for training.
 
     ``seconds_per_view``: one count level, or several used in turn over the cases (seed k gets
-    level k mod L), so that a network trained on the dataset sees every count level."""
+    level k mod L), so that a network trained on the dataset sees every count level; ``tracers``
+    likewise (case k gets tracer k mod T), so that it sees PSMA's and DOTATATE's uptake."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = config or HarnessConfig()
+    unknown = [t for t in tracers if t not in TORSO_UPTAKE]
+    if unknown:
+        raise SSPECTError(f"Unknown tracer '{unknown[0]}'; choose {' or '.join(TORSO_UPTAKE)}.")
     methods = parse_methods(f"osem:{osem}" if osem else "osem")
     levels = list(seconds_per_view) if isinstance(seconds_per_view, (list, tuple)) else [seconds_per_view]
     cases = [case for k, seed in enumerate(range(first_seed, first_seed + n))
-             for case in build_cases([PhantomSpec("torso", seed=seed)], [levels[k % len(levels)]], methods, 1,
+             for case in build_cases([PhantomSpec("torso", seed=seed, tracer=tracers[k % len(tracers)])],
+                                     [levels[k % len(levels)]], methods, 1,
                                      keep_images_at=levels[k % len(levels)])]
     bar, on_done = progress_bar(len(cases))
     try:
@@ -46,6 +53,7 @@ def run_dataset(n: int, out, first_seed: int = 0, seconds_per_view=CLINICAL_SECO
         (label, image), = result.images.items()
         write_nrrd(Volume(image, truth.spacing, truth.origin, unit="MBq/mL"), files["osem"])
         entries.append({"case": result.case.name, "phantom_seed": result.case.phantom.seed,
+                        "tracer": result.case.phantom.tracer,
                         "seconds_per_view": result.case.seconds_per_view, "noise_seed": result.case.realisation,
                         "reconstruction": label, "label_names": truth.label_names,
                         "files": {k: str(v.relative_to(out)) for k, v in files.items()},

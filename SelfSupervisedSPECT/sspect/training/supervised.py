@@ -31,8 +31,8 @@ from ..errors import SSPECTError
 from ..methods import Events
 from ..methods.supervised import KINDS, Scan, build_model, save_model
 from ..methods.toolkit.fitting import EarlyStopping, Step, fit
-from ..methods.toolkit.losses import nrmse_squared
-from ..methods.toolkit.networks import upsampling_of
+from ..methods.toolkit.losses import lesion_mean_error_squared, nrmse_squared
+from ..methods.toolkit.networks import UPSAMPLING, upsampling_of
 from ..methods.toolkit.weights import read_weights, save_weights
 
 CHECKPOINT_FORMAT = "sspect-train-checkpoint/1"
@@ -48,8 +48,10 @@ class TrainSettings:
     features: int = 16
     iterations: int = 3  # unrolled MAP-EM iterations
     ct_input: bool = True
+    upsampling: str = "transposed"  # or "resize": interpolation and a convolution, no checkerboard
     start_iterations: int = 4  # the OSEM image both networks start from
     start_subsets: int = 6
+    lesion_weight: float = 1.0  # the lesions' mean-activity term beside the NRMSE^2 (see training_loss)
     validation_cases: int = 2
     validation_interval: int = 50
     checkpoint_interval: int = 50
@@ -58,11 +60,22 @@ class TrainSettings:
 
 @dataclass
 class Example:
-    """One case: what the network sees (a :class:`~sspect.methods.supervised.Scan`) and the truth in counts per voxel."""
+    """One case: what the network sees (a :class:`~sspect.methods.supervised.Scan`), the truth in counts per voxel, its lesions' masks."""
 
     name: str
     scan: object
     target: object
+    lesions: list
+
+
+def training_loss(image, example: Example, lesion_weight: float):
+    """``NRMSE^2 + w mean_k (mean_k(x) / mean_k(t) - 1)^2``: the whole image, and each lesion's activity.
+
+    NRMSE alone let the network smooth lesions into their background (post-unet: -44 % on a
+    23 mm liver lesion at 8.8 mm); the second term gives every lesion the same weight whatever its size.
+    """
+    loss = nrmse_squared(image, example.target)
+    return loss + lesion_weight * lesion_mean_error_squared(image, example.target, example.lesions) if lesion_weight else loss
 
 
 def read_manifest(path) -> tuple[dict, str, Path]:
@@ -110,7 +123,10 @@ def load_example(entry: dict, folder: Path, sensitivity_cps_per_MBq: float, sett
     target = torch.from_numpy(np.ascontiguousarray(truth.array, dtype=np.float32) * to_counts).to(problem.device)
     scan = Scan(problem, settings.start_iterations, settings.start_subsets,
                 settings.ct_input and problem.attenuation_map is not None)
-    return Example(entry["case"], scan, target)
+    labels = torch.from_numpy(np.ascontiguousarray(read_image(files["labels"]).array).astype(np.int64)).to(problem.device)
+    lesions = [labels == value for name, value in entry["label_names"].items()
+               if name.startswith("lesion_") and bool((labels == value).any())]
+    return Example(entry["case"], scan, target, lesions)
 
 
 def batch_indices(n_cases: int, batch_size: int, seed: int, step: int) -> list[int]:
@@ -225,22 +241,29 @@ def _read_checkpoint(path: Path, model, optimiser, expected: dict) -> tuple[dict
     return record, best
 
 
-def _validate(model, examples) -> dict:
-    """The network on the held-out cases: loss, and median NRMSE and total-activity error beside its OSEM start."""
+def _validate(model, examples, lesion_weight: float) -> dict:
+    """The network on the held-out cases: loss, and median NRMSE, total and lesion activity errors beside its OSEM start."""
     import numpy as np
     import torch
 
-    losses, nrmse, start_nrmse, totals = [], [], [], []
+    losses, nrmse, start_nrmse, totals, lesions, start_lesions = [], [], [], [], [], []
     with torch.no_grad():
         for example in examples:
             image = model(example.scan)
-            losses.append(float(nrmse_squared(image, example.target)))
-            nrmse.append(losses[-1] ** 0.5)
+            losses.append(float(training_loss(image, example, lesion_weight)))
+            nrmse.append(float(nrmse_squared(image, example.target)) ** 0.5)
             start_nrmse.append(float(nrmse_squared(example.scan.start, example.target)) ** 0.5)
             totals.append(100.0 * (float(image.sum()) / float(example.target.sum()) - 1.0))
+            for mask in example.lesions:
+                true_sum = float(example.target[mask].sum())
+                lesions.append(100.0 * abs(float(image[mask].sum()) / true_sum - 1.0))
+                start_lesions.append(100.0 * abs(float(example.scan.start[mask].sum()) / true_sum - 1.0))
+    median = (lambda values: float(np.median(values)) if values else None)
     return {"loss": float(np.mean(losses)), "nrmse_median": float(np.median(nrmse)),
             "start_osem_nrmse_median": float(np.median(start_nrmse)),
-            "total_activity_error_pct_median": float(np.median(totals)), "cases": [e.name for e in examples]}
+            "total_activity_error_pct_median": float(np.median(totals)),
+            "lesion_abs_error_pct_median": median(lesions), "start_osem_lesion_abs_error_pct_median": median(start_lesions),
+            "cases": [e.name for e in examples]}
 
 
 def train(manifest_path, out_dir, settings: TrainSettings, events=None, resume: bool = False,
@@ -258,6 +281,10 @@ def train(manifest_path, out_dir, settings: TrainSettings, events=None, resume: 
                           f"{settings.validation_cases} validation case(s), and at least one validation case.")
     if settings.steps < 1 or settings.batch_size < 1:
         raise SSPECTError("Training needs at least one step and a batch of at least one case.")
+    if settings.upsampling not in UPSAMPLING:
+        raise SSPECTError(f"Unknown upsampling '{settings.upsampling}'; choose {' or '.join(UPSAMPLING)}.")
+    if settings.lesion_weight < 0:
+        raise SSPECTError(f"The lesion weight is {settings.lesion_weight:g}; give 0 (the NRMSE alone) or a positive weight.")
     out_dir = Path(out_dir)
     checkpoint = out_dir / "checkpoint.safetensors"
     if resume and not checkpoint.is_file():
@@ -284,7 +311,8 @@ def train(manifest_path, out_dir, settings: TrainSettings, events=None, resume: 
         first = validation[0].scan
         in_channels = 2 if first.ct is not None else 1
         torch.manual_seed(settings.seed)
-        model = build_model(settings.kind, settings.features, in_channels, settings.iterations).to(place.device)
+        model = build_model(settings.kind, settings.features, in_channels, settings.iterations,
+                            settings.upsampling).to(place.device)
         optimiser = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
         # what a resumed run must share with the run it continues (more steps and another device are fine)
         identity = {"settings": {**asdict(settings), "device": "any", "steps": "any"}, "manifest_sha256": manifest_sha}
@@ -301,7 +329,7 @@ def train(manifest_path, out_dir, settings: TrainSettings, events=None, resume: 
 
         def write_model(state):
             matrices = sorted({tuple(example(i).scan.start.shape) for i in loaded} | {tuple(first.start.shape)})
-            trained = build_model(settings.kind, settings.features, in_channels, settings.iterations)
+            trained = build_model(settings.kind, settings.features, in_channels, settings.iterations, settings.upsampling)
             trained.load_state_dict(state)
             data = {"manifest": str(Path(manifest_path)), "manifest_sha256": manifest_sha,
                     "training_cases": [e["case"] for e in training], "validation_cases": [e["case"] for e in held_out],
@@ -321,7 +349,7 @@ def train(manifest_path, out_dir, settings: TrainSettings, events=None, resume: 
         def objective(step):
             mine = batch_indices(len(training), settings.batch_size, settings.seed, step)[place.rank::place.world]
             network.train()
-            loss = sum(nrmse_squared(network(example(i).scan), example(i).target) for i in mine) / len(mine)
+            loss = sum(training_loss(network(example(i).scan), example(i), settings.lesion_weight) for i in mine) / len(mine)
             return Step(loss, fields={"stage": "train"}, reported=place.mean(float(loss.detach())))
 
         def after_step(step, value):
@@ -330,7 +358,7 @@ def train(manifest_path, out_dir, settings: TrainSettings, events=None, resume: 
             if step % settings.validation_interval == 0 or step == settings.steps:
                 if place.main:
                     network.eval()
-                    measured = {"step": step, "train_loss": value, **_validate(model, validation)}
+                    measured = {"step": step, "train_loss": value, **_validate(model, validation, settings.lesion_weight)}
                     record["history"].append({k: v for k, v in measured.items() if k != "cases"})
                     stopping.update(step, measured["loss"], measured)
                     if stopping.best_step == step:

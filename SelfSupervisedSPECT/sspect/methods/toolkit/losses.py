@@ -26,6 +26,17 @@ def nrmse_squared(image, truth):
     return ((image - truth) ** 2).sum() / (truth ** 2).sum().clamp_min(1e-12)
 
 
+def lesion_mean_error_squared(image, truth, lesions):
+    """Mean over the lesions of ``(mean_k(x) / mean_k(t) - 1)^2``; 0 without lesions.
+
+    ``lesions`` is one boolean mask per lesion. A lesion's activity is what lesion dosimetry reads, and a
+    few voxels weigh nothing in the whole image's NRMSE: a network trained by NRMSE alone learns to
+    smooth lesions into their background.
+    """
+    terms = [((image[mask].sum() / truth[mask].sum().clamp_min(1e-12)) - 1.0) ** 2 for mask in lesions]
+    return sum(terms) / len(terms) if terms else image.sum() * 0.0
+
+
 def mirrored_pair_loss(network, inputs, targets, padding):
     """MSE of ``f(inputs)`` against ``targets`` under one random mirror of the pair; returns (loss, prediction).
 

@@ -19,9 +19,32 @@ VOXEL_TOLERANCE = 0.10  # refused on voxels more than 10 % larger or smaller tha
 TEXT_KEYS = {"format", "kind", "isotope", "collimator", "sha256", "torch", "monai", "code_version", "input"}
 
 
-def resolve_weights(value: str, shipped: Path) -> Path:
-    """'shipped' -> the network that comes with the engine; anything else is a path."""
-    return shipped if value.strip().lower() == "shipped" else Path(value).expanduser()
+def shipped_networks(stem: str) -> dict[float, Path]:
+    """``{voxel size in mm: file}`` of the networks named ``stem_*.safetensors`` that ship with the engine."""
+    from safetensors import safe_open
+
+    found = {}
+    for path in sorted(WEIGHTS_FOLDER.glob(f"{stem}_*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            found[float(json.loads((handle.metadata() or {})["voxel_mm"])[0])] = path
+    return found
+
+
+def resolve_weights(value: str, shipped_stem: str, problem) -> Path:
+    """'shipped' -> the engine's network trained at the voxel size nearest the study's; anything else is a path.
+
+    A convolutional network fits one voxel size, so the engine ships one per grid (4.4 mm, the
+    clinical one, and 8.8 mm for 2x2-binned detectors); a study matching neither gets the nearest,
+    which :func:`check_study` then refuses in one sentence.
+    """
+    if value.strip().lower() != "shipped":
+        return Path(value).expanduser()
+    networks = shipped_networks(shipped_stem)
+    if not networks:
+        raise SSPECTError(f"No shipped network named {shipped_stem} is installed in {WEIGHTS_FOLDER}; reinstall the "
+                          "extension or give a .safetensors file.")
+    scan_mm = voxel_mm(problem)[0]
+    return networks[min(networks, key=lambda trained: abs(trained - scan_mm))]
 
 
 def weights_sha256(state: dict) -> str:

@@ -228,8 +228,9 @@ def _runner(kind: str):
     return run
 
 
-WEIGHTS_HELP = ("The trained network: 'shipped' for the one that comes with the engine (177Lu, GE MEGP, 8.8 mm voxels: "
-                "2x2-binned 4.4 mm detectors), or a .safetensors file written by `sspect train`")
+WEIGHTS_HELP = ("The trained network: 'shipped' for the one that comes with the engine at the study's voxel size (177Lu, GE MEGP; "
+                "post-unet at 4.4 and 8.8 mm, unrolled-mapem at 8.8 mm: 2x2-binned 4.4 mm detectors), or a .safetensors file "
+                "written by `sspect train`")
 
 register(Method("post-unet", "Post-reconstruction U-Net (supervised, on OSEM + CT)", "supervised",
                 (Param("weights", str, "shipped", WEIGHTS_HELP),), _runner("post-unet")))

@@ -144,3 +144,21 @@ def coarse_torso(tmp_path_factory):
     voxel_ml = (config.voxel_mm / 10) ** 3
     to_mbq_per_ml = bq_per_ml_factor(config.sensitivity_cps_per_MBq, seconds, voxel_ml) / 1e6
     return {"problem": problem, "truth": spec.build(config).activity, "to_mbq_per_ml": to_mbq_per_ml}
+
+
+@pytest.fixture(scope="session")
+def standard_torso(tmp_path_factory):
+    """A torso on the standard harness grid (4.42 mm, 60 views) that the 4.4 mm network never saw (seed 8; trained on
+    seeds 2000-2029), 20 s/view: its problem, truth (MBq/mL) and the factor from counts per voxel to MBq/mL."""
+    import contextlib
+    import io
+
+    from sspect.eval.harness import GRIDS, PhantomSpec, training_problems
+    from sspect.pipeline import bq_per_ml_factor
+
+    config, spec, seconds = GRIDS["standard"], PhantomSpec("torso", seed=8), 20.0
+    with contextlib.redirect_stdout(io.StringIO()):
+        (problem,) = training_problems([spec], config, seconds, tmp_path_factory.mktemp("standard_torso"))
+    voxel_ml = (config.voxel_mm / 10) ** 3
+    to_mbq_per_ml = bq_per_ml_factor(config.sensitivity_cps_per_MBq, seconds, voxel_ml) / 1e6
+    return {"problem": problem, "truth": spec.build(config).activity, "to_mbq_per_ml": to_mbq_per_ml}

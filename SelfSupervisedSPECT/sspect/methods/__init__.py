@@ -173,7 +173,7 @@ class Method:
 # The order `sspect methods` and the Slicer panel list the methods in, best first for 177Lu dosimetry
 # at the clinical grid, and what each is for: the evidence is docs/clinical-grid-report/findings.md.
 ADVICE = {
-    "osem": "The reference for organ dosimetry: no method beat its torso NRMSE at 4.4 mm; on low-count scans "
+    "osem": "The reference for organ dosimetry: no self-supervised method beat its torso NRMSE at 4.4 mm; on low-count scans "
             "give it fewer iterations or use bsrem.",
     "bsrem": "For low-count scans (beta 0.1) and hot spheres; on organs at clinical counts a little behind OSEM.",
     "n2n": "The best self-supervised method at 4.4 mm: beats OSEM on hot spheres (NEMA), ties it on torsos; "
@@ -186,8 +186,8 @@ ADVICE = {
     "dl-bpf": "Reader's DL-BPF: per scan it fits the noise at low counts; the shipped (8.8 mm) network smooths "
               "small spheres away and paints a checkerboard.",
     "osl-map": "MAP by one-step-late EM: BSREM converges to the same images more safely.",
-    "post-unet": "Supervised correction of OSEM, trained at 8.8 mm (--binning 2) on torsos: it erases lesions "
-                 "it never saw; check against OSEM.",
+    "post-unet": "Supervised correction of OSEM (4.4 mm and 8.8 mm networks): the best organ NRMSE on simulated "
+                 "torsos, but it fails on anything unlike them (NEMA) and does not recover small lesions; check against OSEM.",
     "unrolled-mapem": "Supervised unrolled MAP-EM, trained at 8.8 mm (--binning 2): close to OSEM.",
 }
 

@@ -128,37 +128,31 @@ def noisy_to_mbq_per_ml(to_mbq_per_ml):
     return to_mbq_per_ml / NOISY_SHARE
 
 
-@pytest.fixture(scope="session")
-def coarse_torso(tmp_path_factory):
-    """A torso on the coarse harness grid (8.8 mm, the shipped networks' grid) that they never saw (seed 7; trained
-    on seeds 1000-1031), 40 s/view: its problem, truth (MBq/mL) and the factor from counts per voxel to MBq/mL."""
+def _harness_torso(tmp_path_factory, grid: str, seed: int, seconds: float) -> dict:
+    """A harness torso on ``grid``: its problem, truth (MBq/mL) and the factor from counts per voxel to MBq/mL."""
     import contextlib
     import io
 
     from sspect.eval.harness import GRIDS, PhantomSpec, training_problems
     from sspect.pipeline import bq_per_ml_factor
 
-    config, spec, seconds = GRIDS["coarse"], PhantomSpec("torso", seed=7), 40.0
+    config, spec = GRIDS[grid], PhantomSpec("torso", seed=seed)
     with contextlib.redirect_stdout(io.StringIO()):
-        (problem,) = training_problems([spec], config, seconds, tmp_path_factory.mktemp("coarse_torso"))
+        (problem,) = training_problems([spec], config, seconds, tmp_path_factory.mktemp(f"{grid}_torso"))
     voxel_ml = (config.voxel_mm / 10) ** 3
     to_mbq_per_ml = bq_per_ml_factor(config.sensitivity_cps_per_MBq, seconds, voxel_ml) / 1e6
     return {"problem": problem, "truth": spec.build(config).activity, "to_mbq_per_ml": to_mbq_per_ml}
+
+
+@pytest.fixture(scope="session")
+def coarse_torso(tmp_path_factory):
+    """A torso on the coarse harness grid (8.8 mm) that the 8.8 mm networks never saw (seed 7; trained on seeds
+    1000-1151), 40 s/view."""
+    return _harness_torso(tmp_path_factory, "coarse", 7, 40.0)
 
 
 @pytest.fixture(scope="session")
 def standard_torso(tmp_path_factory):
     """A torso on the standard harness grid (4.42 mm, 60 views) that the 4.4 mm network never saw (seed 8; trained on
-    seeds 2000-2029), 20 s/view: its problem, truth (MBq/mL) and the factor from counts per voxel to MBq/mL."""
-    import contextlib
-    import io
-
-    from sspect.eval.harness import GRIDS, PhantomSpec, training_problems
-    from sspect.pipeline import bq_per_ml_factor
-
-    config, spec, seconds = GRIDS["standard"], PhantomSpec("torso", seed=8), 20.0
-    with contextlib.redirect_stdout(io.StringIO()):
-        (problem,) = training_problems([spec], config, seconds, tmp_path_factory.mktemp("standard_torso"))
-    voxel_ml = (config.voxel_mm / 10) ** 3
-    to_mbq_per_ml = bq_per_ml_factor(config.sensitivity_cps_per_MBq, seconds, voxel_ml) / 1e6
-    return {"problem": problem, "truth": spec.build(config).activity, "to_mbq_per_ml": to_mbq_per_ml}
+    seeds 2000-2029), 20 s/view."""
+    return _harness_torso(tmp_path_factory, "standard", 8, 20.0)

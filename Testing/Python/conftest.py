@@ -1,7 +1,12 @@
 """Shared fixtures: the real study in ../shared (skipped when absent) and small simulated studies."""
+import os
 from pathlib import Path
 
 import pytest
+
+# The suite runs as two pytest-xdist workers on a 2-core machine: one OpenMP thread each, set before torch loads,
+# because two workers of two threads each make small problems crawl (see one_torch_thread).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[2]
 REAL_STUDY = REPO.parent / "shared" / "data" / "lu177_ge670"

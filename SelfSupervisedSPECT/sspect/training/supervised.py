@@ -124,8 +124,8 @@ def load_example(entry: dict, folder: Path, sensitivity_cps_per_MBq: float, sett
     scan = Scan(problem, settings.start_iterations, settings.start_subsets,
                 settings.ct_input and problem.attenuation_map is not None)
     labels = torch.from_numpy(np.ascontiguousarray(read_image(files["labels"]).array).astype(np.int64)).to(problem.device)
-    lesions = [labels == value for name, value in entry["label_names"].items()
-               if name.startswith("lesion_") and bool((labels == value).any())]
+    masks = [labels == value for name, value in entry["label_names"].items() if name.startswith("lesion_")]
+    lesions = [mask for mask in masks if bool(mask.any())]
     return Example(entry["case"], scan, target, lesions)
 
 

@@ -77,8 +77,8 @@ this scan alone and stop by themselves on held-out counts. On a CPU choose <i>Gr
 (about 8 times faster); n2n and noise2inverse also load a voxel uncertainty map (<i>... SD</i>).</p>
 <p><b>Supervised methods</b> (post-unet, unrolled-mapem) apply networks trained on simulated
 <sup>177</sup>Lu torso scans that ship with the extension (no download), for the GE MEGP collimator:
-post-unet at 4.4 mm and 8.8 mm voxels, unrolled-mapem at 8.8 mm only (choose <i>Grid: 2x2 binned</i>
-for 4.4 mm detectors); the one matching the study's voxel size is used, other collimators or voxel
+post-unet and unrolled-mapem at 4.4 mm and 8.8 mm voxels (<i>Grid: 2x2 binned</i> takes the 8.8 mm
+ones); the one matching the study's voxel size is used, other collimators or voxel
 sizes are refused. They generalise only as far as their training data: check them against OSEM.</p>
 <p>Needs 3D Slicer 5.10 or newer. The first Run offers to install PyTorch (the CUDA build the
 NVIDIA driver runs, else the CPU build) and the engine's other Python packages into a folder that

@@ -17,7 +17,7 @@ from pathlib import Path
 
 def label(description: dict) -> str:
     settings = description["training"]["settings"]
-    return f"lesion weight {settings.get('lesion_weight', 0.0):g}"
+    return f"{description['kind']}, lesion weight {settings.get('lesion_weight', 0.0):g}"
 
 
 def table(descriptions: list[dict]) -> list[str]:

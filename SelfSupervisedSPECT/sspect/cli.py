@@ -402,8 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--features", type=int, default=16, help="channels of the network's first level")
     tr.add_argument("--iterations", type=int, default=3, help="unrolled MAP-EM iterations")
     tr.add_argument("--no-ct", action="store_true", help="do not give the network the CT as a second channel")
-    tr.add_argument("--upsampling", default="transposed", choices=UPSAMPLING,
-                    help="the U-Net's upsampling: transposed convolutions, or resize (interpolation and a convolution: no checkerboard)")
+    tr.add_argument("--upsampling", default="resize", choices=UPSAMPLING,
+                    help="the U-Net's upsampling: resize (interpolation and a convolution: no checkerboard), or transposed convolutions")
     tr.add_argument("--start-iterations", type=int, default=4, help="OSEM iterations of the start image")
     tr.add_argument("--start-subsets", type=int, default=6, help="OSEM subsets of the start image")
     tr.add_argument("--lesion-weight", type=float, default=1.0,

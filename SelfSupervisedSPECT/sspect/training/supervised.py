@@ -48,7 +48,7 @@ class TrainSettings:
     features: int = 16
     iterations: int = 3  # unrolled MAP-EM iterations
     ct_input: bool = True
-    upsampling: str = "transposed"  # or "resize": interpolation and a convolution, no checkerboard
+    upsampling: str = "resize"  # interpolation and a convolution (no checkerboard), or "transposed"
     start_iterations: int = 4  # the OSEM image both networks start from
     start_subsets: int = 6
     lesion_weight: float = 1.0  # the lesions' mean-activity term beside the NRMSE^2 (see training_loss)

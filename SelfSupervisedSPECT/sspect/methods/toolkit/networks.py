@@ -12,9 +12,11 @@ output so that the first steps are useful:
 Upsampling: ``transposed`` (MONAI UNet's own stride-2 transposed convolutions, whose uneven
 overlap can paint a checkerboard at the Nyquist frequency on smooth images: Odena, Dumoulin &
 Olah, Distill 2016) or ``resize`` (trilinear interpolation, then a 3x3x3 convolution: MONAI's
-``UpSample`` "nontrainable"). ``resize`` paints no checkerboard but, at the hyperparameters tuned
-for ``transposed``, fits far worse and is several times slower on a CPU (docs/clinical-grid-report),
-so it is an option, not the default.
+``UpSample`` "nontrainable"). ``resize`` paints no checkerboard. With a correction head (the
+supervised networks) it fits as well or better, so the shipped 4.4 mm networks and ``sspect train``
+use it; with a positive head (dip, DL-BPF), at the hyperparameters tuned for ``transposed``, it fits
+far worse and is several times slower on a CPU (docs/clinical-grid-report), so there it is an
+option, not the default.
 """
 from __future__ import annotations
 

@@ -3,7 +3,8 @@
 Reads ``results.csv`` and ``curves.csv`` of a `sspect benchmark` folder on the standard grid and,
 when given, the ``summary.json`` of `benchmarks/real_bed_thinning.py`; prints a Markdown table
 (goal, figure, met or not) and writes it to ``goals.md`` beside the report, plus the per-method
-table it rests on (``methods_at_clinical_counts.md``) and one figure: NRMSE along each method's path
+table it rests on (``methods_at_clinical_counts.md``; the same table for every other count level
+in the report, ``methods_at_<s>s_per_view.md``) and one figure: NRMSE along each method's path
 (OSEM iterations, BSREM and KEM iterations, a network's validation checks) on each phantom.
 
     .venv/bin/python benchmarks/clinical_grid_goals.py docs/clinical-grid-report \\
@@ -70,9 +71,9 @@ def median(values) -> float:
     return float(np.median(values)) if values else float("nan")
 
 
-def best_along_path(curves, phantom, method) -> tuple[float, float]:
+def best_along_path(curves, phantom, method, seconds=CLINICAL) -> tuple[float, float]:
     """(the step with the lowest median NRMSE, that NRMSE) along a method's path."""
-    path = [c for c in curves if c["phantom"] == phantom and c["method"] == method and c["seconds_per_view"] == CLINICAL
+    path = [c for c in curves if c["phantom"] == phantom and c["method"] == method and c["seconds_per_view"] == seconds
             and isinstance(c.get("nrmse"), float)]
     steps = sorted({c["iteration"] for c in path})
     if not steps:
@@ -92,15 +93,15 @@ def organ_errors(rows) -> dict:
             "total": median(r["total_activity_error_pct"] for r in rows)}
 
 
-def torso_table(rows, curves, phantoms) -> tuple[list[str], list[dict]]:
+def torso_table(rows, curves, phantoms, seconds=CLINICAL) -> tuple[list[str], list[dict]]:
     lines = ["| phantom | method | family | NRMSE | best point along its path (step: NRMSE) | |kidney cortex| % | |lesions| % "
              "| total % | run time s |", "|---|---|---|---|---|---|---|---|---|"]
     table = []
     for phantom in phantoms:
-        at = [r for r in rows if r["phantom"] == phantom and r["seconds_per_view"] == CLINICAL]
+        at = [r for r in rows if r["phantom"] == phantom and r["seconds_per_view"] == seconds]
         for method in dict.fromkeys(r["method"] for r in at):
             group = [r for r in at if r["method"] == method]
-            step, best = best_along_path(curves, phantom, method)
+            step, best = best_along_path(curves, phantom, method, seconds)
             errors = organ_errors(group)
             entry = {"phantom": phantom, "method": method, "family": family(method), "nrmse": median(r["nrmse"] for r in group),
                      "best_step": step, "best_nrmse": best, **errors, "seconds": median(r["run_time_s"] for r in group),
@@ -243,6 +244,9 @@ def main() -> int:
     goal_lines = goals(table, recovery, thinning)
     (folder / "goals.md").write_text("\n".join(goal_lines) + "\n")
     plot_paths(curves, folder / "nrmse_along_paths.png")
+    for seconds in sorted({r["seconds_per_view"] for r in rows} - {CLINICAL}):
+        other, _ = torso_table(rows, curves, phantoms, seconds)
+        (folder / f"methods_at_{seconds:g}s_per_view.md").write_text("\n".join(other) + "\n")
     print("\n".join(lines + [""] + goal_lines))
     return 0
 

@@ -187,9 +187,11 @@ ADVICE = {
               "small spheres away and paints a checkerboard.",
     "osl-map": "MAP by one-step-late EM: BSREM converges to the same images more safely.",
     "unrolled-mapem": "Supervised unrolled MAP-EM (4.4 mm and 8.8 mm networks): the best organ errors and most 13-26 mm "
-                      "lesions on simulated torsos at 4.4 mm, but a worse NRMSE than OSEM on NEMA; check against OSEM.",
+                      "lesions on simulated torsos at 4.4 mm, but a worse NRMSE than OSEM on NEMA and hot uptakes 10 % "
+                      "too high on a real low-count scan; check against OSEM.",
     "post-unet": "Supervised correction of OSEM (4.4 mm and 8.8 mm networks): near unrolled-mapem on simulated "
-                 "torsos, but it fails on anything unlike them (NEMA) and recovers lesions less; check against OSEM.",
+                 "torsos, but it fails on anything unlike them (NEMA, real low-count scans) and recovers lesions less; "
+                 "check against OSEM.",
 }
 
 

@@ -701,7 +701,7 @@ class SelfSupervisedSPECTWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         for widget in (self.ui.projectionSelector, self.ui.ctSelector, self.ui.loadProjectionFilesButton,
                        self.ui.loadCTFilesButton, self.ui.automaticWindowsCheckBox, self.ui.methodComboBox,
                        self.ui.parametersWidget, self.ui.calibrationSpinBox, self.ui.deviceComboBox,
-                       self.ui.binningComboBox, self.ui.projectorComboBox, self.ui.isotopeComboBox,
+                       self.ui.binningComboBox, self.ui.projectorComboBox, self.ui.scatterSmoothingSpinBox, self.ui.isotopeComboBox,
                        self.ui.photopeaksLineEdit, self.ui.storedCalibrationComboBox, self.ui.acquisitionDateTimeLineEdit,
                        self.ui.injectionDateTimeLineEdit, self.ui.injectedActivitySpinBox, self.ui.decayCorrectionComboBox,
                        self.ui.phantomActivitySpinBox, self.ui.phantomDateTimeLineEdit, self.ui.calibrationNameLineEdit,
@@ -770,6 +770,7 @@ class SelfSupervisedSPECTWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         options = {"device": self._device(), "windows": self._windows(),
                    "detector_binning": BINNING_CHOICES[self.ui.binningComboBox.currentIndex],
                    "projector": PROJECTOR_CHOICES[self.ui.projectorComboBox.currentIndex],
+                   "scatter_smoothing_cm": float(self.ui.scatterSmoothingSpinBox.value),
                    "isotope": ISOTOPE_CHOICES[self.ui.isotopeComboBox.currentIndex],
                    "photopeaks": self.ui.photopeaksLineEdit.text.strip() or None,
                    "acquisition_datetime": self.ui.acquisitionDateTimeLineEdit.text.strip() or None}

@@ -37,7 +37,7 @@ GREY = "vtkMRMLColorTableNodeGrey"
 UNCERTAINTY_REFERENCE = ATTRIBUTE + "Uncertainty"  # node reference from a result image to its voxel SD map
 JOB_OPTIONS = ("calibration_cps_per_MBq", "calibration", "device", "windows", "output_dir", "collimator", "seed",
                "detector_binning", "projector", "isotope", "photopeaks", "acquisition_datetime", "injection_datetime",
-               "injected_activity_MBq", "decay_correction")
+               "injected_activity_MBq", "decay_correction", "scatter_smoothing_cm")
 DECAY_CORRECTIONS = ("none", "start", "injection")  # to the mean over the acquisition, its start, the injection
 PROJECTORS = ("fast", "pytomography")  # the engine's system models: its own fast operator, PyTomography's (reference)
 ISOTOPES = ("177Lu", "99mTc", "111In", "131I")  # the engine's isotope registry (sspect/physics/isotopes.py)
@@ -198,7 +198,7 @@ class SelfSupervisedSPECTLogicBase:
                   device="auto", windows=None, output_dir=None, collimator=None, seed=0, detector_binning=1,
                   projector="fast", isotope=None, photopeaks=None, acquisition_datetime=None, injection_datetime=None,
                   injected_activity_MBq=None, decay_correction="none", calibration=None, phantom=None,
-                  overwrite=False):
+                  overwrite=False, scatter_smoothing_cm=1.0):
         """Write a job file (sspect/jobs.py schema) into a new folder under ``work_root``.
 
         ``projection_node`` may be a list of nodes, one per bed. ``isotope``: one of ``ISOTOPES``
@@ -207,7 +207,8 @@ class SelfSupervisedSPECTLogicBase:
         ``injected_activity_MBq``: for the DICOM image when the NM file lacks them.
         ``decay_correction``: one of ``DECAY_CORRECTIONS``. ``calibration``: the name of a stored
         calibration instead of ``calibration_cps_per_MBq``. ``phantom`` ({"name", "activity_MBq",
-        "activity_datetime"}) makes it a calibrate job. Returns (job dict, job path).
+        "activity_datetime"}) makes it a calibrate job. ``scatter_smoothing_cm``: the Gaussian sigma of
+        the scatter-window estimate (0: unsmoothed), the engine's default. Returns (job dict, job path).
         """
         projection_nodes = list(projection_node) if isinstance(projection_node, (list, tuple)) else [projection_node]
         params = dict(params or {})
@@ -244,6 +245,12 @@ class SelfSupervisedSPECTLogicBase:
             phantom = _phantom(phantom)
         if isinstance(detector_binning, bool) or detector_binning not in range(1, 9):
             raise DoorError(f"The detector binning must be a whole number from 1 to 8, not {detector_binning!r}.")
+        try:
+            scatter_smoothing_cm = float(scatter_smoothing_cm)
+        except (TypeError, ValueError):
+            scatter_smoothing_cm = -1.0
+        if not 0 <= scatter_smoothing_cm <= 5:
+            raise DoorError("The scatter smoothing must be a number of cm from 0 (none) to 5.")
         if projector not in PROJECTORS:
             raise DoorError(f"Unknown projector {projector!r}; choose fast or pytomography.")
         if isotope is not None and isotope not in ISOTOPES:
@@ -267,7 +274,8 @@ class SelfSupervisedSPECTLogicBase:
                "projector": projector, "isotope": isotope, "photopeaks": photopeaks, "formats": ["nrrd"], "name": None,
                "overwrite": bool(overwrite),  # the result folder is new per run: this replaces a stored calibration
                "acquisition_datetime": acquisition_datetime, "injection_datetime": injection_datetime,
-               "injected_activity_MBq": injected_activity_MBq, "decay_correction": decay_correction}
+               "injected_activity_MBq": injected_activity_MBq, "decay_correction": decay_correction,
+               "scatter_smoothing_cm": scatter_smoothing_cm}
         job_path = folder / "job.json"
         partial = folder / "job.json.partial"
         partial.write_text(json.dumps(job, indent=2))

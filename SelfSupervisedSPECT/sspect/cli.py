@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ def _settings(args, method_params: dict):
                     formats=tuple(args.formats.split(",")), name=args.name, detector_binning=args.binning,
                     projector=args.projector, overwrite=args.overwrite, acquisition_datetime=args.acquisition_datetime,
                     injection_datetime=args.injection_datetime, injected_activity_MBq=args.injected_activity,
-                    decay_correction=getattr(args, "decay_correction", "none"))
+                    decay_correction=getattr(args, "decay_correction", "none"), scatter_smoothing_cm=args.scatter_smoothing)
 
 
 def _calibration(text: str | None) -> tuple[float | None, str | None]:
@@ -200,9 +201,12 @@ def command_benchmark(args) -> int:
         print(f"Report rebuilt: read {rebuild_report(args.out, command)}")
         return 0
     from .eval.harness import grid_config
+    from .pipeline import check_scatter_smoothing
 
+    check_scatter_smoothing(args.scatter_smoothing)
+    config = dataclasses.replace(grid_config(args.grid), scatter_smoothing_cm=args.scatter_smoothing)
     report = run_benchmark(args.phantoms, args.seconds, args.methods, args.realisations, args.out,
-                           args.workers, args.scheduler, command, grid_config(args.grid))
+                           args.workers, args.scheduler, command, config)
     print(f"Benchmark finished: read {report}")
     return 0
 
@@ -286,6 +290,14 @@ def _add_study_options(parser):
     parser.add_argument("--collimator", help=f"collimator ({', '.join(COLLIMATORS)}); detected from the file unless given")
 
 
+def _add_scatter_smoothing(parser) -> None:
+    from .pipeline import Settings
+
+    parser.add_argument("--scatter-smoothing", type=float, default=Settings.scatter_smoothing_cm, metavar="CM",
+                        help=f"Gaussian sigma of the scatter-window estimate in each view, cm (default {Settings.scatter_smoothing_cm:g}; "
+                             "0: unsmoothed, which leaves totals high at low counts)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sspect", description="Quantitative SPECT reconstruction (177Lu, 99mTc, 111In, 131I).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -321,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     dosimetry.add_argument("--decay-correction", default="none", metavar="WHEN",
                            help="none (default: the mean over the acquisition), start (at the acquisition start) or injection")
     recon.add_argument("--out", required=True, help="output folder")
+    _add_scatter_smoothing(recon)
     _add_study_options(recon)
     recon.set_defaults(func=command_reconstruct)
 
@@ -342,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--out", required=True, help="folder for the phantom's reconstructed image, to check it")
     cal.set_defaults(func=command_calibrate, binning=1, formats="nrrd",
                      injection_datetime=None, injected_activity=None)
+    _add_scatter_smoothing(cal)
     _add_study_options(cal)
 
     stored = sub.add_parser("calibrations", help="list the calibrations stored by `sspect calibrate`")
@@ -367,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="benchmark-output")
     bench.add_argument("--from-csv", action="store_true", help="only rebuild report.md and plots from the CSVs in --out")
     bench.add_argument("--merge", metavar="DIR,DIR", help="one report in --out from benchmark folders run on the same grid")
+    _add_scatter_smoothing(bench)
     _add_distribution_options(bench)
     bench.set_defaults(func=command_benchmark)
 

@@ -19,6 +19,7 @@ Job file (JSON)::
      "injection_datetime": null, "injected_activity_MBq": null,
      "decay_correction": "none",             # "start": to the acquisition start, "injection": to the injection
      "detector_binning": 1,                  # optional: 2 sums 2x2 detector pixels (one bed)
+     "scatter_smoothing_cm": 1.0,            # optional: sigma of the scatter-window estimate; 0: unsmoothed
      "projector": "fast"}                    # optional: "pytomography" for PyTomography's own (reference) model
 
 A calibrate job (``"task": "calibrate"``) takes one phantom file in ``nm`` and
@@ -124,6 +125,7 @@ class Job(BaseModel):
     injection_datetime: Optional[str] = Field(None, description='an ISO date and time such as "2024-02-28T09:00:00" or null')
     injected_activity_MBq: Optional[float] = Field(None, description="a number of MBq or null")
     decay_correction: str = Field("none", description='"none", "start" or "injection"')
+    scatter_smoothing_cm: float = Field(Settings.scatter_smoothing_cm, description="a number of cm such as 1 (0: unsmoothed)")
 
 
 JOB_KEYS = frozenset(Job.model_fields)
@@ -301,7 +303,8 @@ def settings_from_job(job: Job) -> Settings:
         formats=tuple(job.formats) or Settings.formats, name=job.name,
         detector_binning=job.detector_binning, projector=job.projector, overwrite=job.overwrite,
         acquisition_datetime=job.acquisition_datetime, injection_datetime=job.injection_datetime,
-        injected_activity_MBq=job.injected_activity_MBq, decay_correction=job.decay_correction)
+        injected_activity_MBq=job.injected_activity_MBq, decay_correction=job.decay_correction,
+        scatter_smoothing_cm=job.scatter_smoothing_cm)
 
 
 def _run_task(job: Job, events: Events) -> dict:

@@ -27,7 +27,7 @@ from .io.windows import NONE_WORDS, WindowChoice, choose_windows
 from .methods import Events, get_method
 from .physics.collimators import Collimator, detect_collimator, get_collimator, serving_warning
 from .physics.isotopes import Isotope, detect_isotope, get_isotope, parse_photopeaks
-from .physics.system import Geometry, PeakData, build_problem, tew_scatter
+from .physics.system import SCATTER_SMOOTHING_CM, Geometry, PeakData, build_problem, tew_scatter
 from .volume import Volume
 
 FORMATS = ("nrrd", "nifti", "dicom")
@@ -61,6 +61,7 @@ class Settings:
     injection_datetime: str | None = None  # ISO 8601; wins over the file's
     injected_activity_MBq: float | None = None  # wins over the file's
     decay_correction: str = "none"  # "start": to the acquisition start; "injection": to the injection
+    scatter_smoothing_cm: float = SCATTER_SMOOTHING_CM  # Gaussian sigma of the TEW/DEW estimate in each view; 0: unsmoothed
 
 
 @dataclass
@@ -72,6 +73,7 @@ class Study:
     collimator: Collimator
     warnings: list[str]
     decay: DecayCorrection
+    scatter_smoothing_cm: float
 
 
 def check_settings(settings: Settings) -> None:
@@ -109,9 +111,15 @@ def check_settings(settings: Settings) -> None:
             except ValueError:
                 raise SSPECTError(f"The {key.replace('_', ' ')} {value!r} is not a date and time; give it as 2024-03-01T10:30:00.") from None
     check_mode(settings.decay_correction)
+    check_scatter_smoothing(settings.scatter_smoothing_cm)
     activity = settings.injected_activity_MBq
     if activity is not None and not (isinstance(activity, (int, float)) and math.isfinite(activity) and activity > 0):
         raise SSPECTError(f"The injected activity must be a positive finite number of MBq, not {activity!r}.")
+
+
+def check_scatter_smoothing(sigma_cm) -> None:
+    if isinstance(sigma_cm, bool) or not (isinstance(sigma_cm, (int, float)) and math.isfinite(sigma_cm) and 0 <= sigma_cm <= 5):
+        raise SSPECTError(f"The scatter smoothing must be a number of cm from 0 (none) to 5, not {sigma_cm!r}.")
 
 
 def check_result_name(name) -> None:
@@ -201,7 +209,7 @@ def load_study(nm_paths, ct_source=None, settings: Settings | None = None) -> St
             warnings += check_ct_matches(ct, bed, peaks[0].peak.index)
     else:
         warnings.append("No CT was given; the image is not attenuation corrected.")
-    return Study(beds, ct, isotope, peaks, collimator, sorted(set(warnings)), decay)
+    return Study(beds, ct, isotope, peaks, collimator, sorted(set(warnings)), decay, float(settings.scatter_smoothing_cm))
 
 
 def with_stored_calibration(study: Study, settings: Settings) -> Settings:
@@ -254,13 +262,14 @@ def bed_geometry(bed: ProjectionStudy) -> Geometry:
     return Geometry(bed.object_shape, (bed.pixel_mm[0] / 10, bed.pixel_mm[1] / 10), bed.angles_deg, bed.radii_cm)
 
 
-def peak_data(bed: ProjectionStudy, windows: WindowChoice, mu: np.ndarray | None) -> PeakData:
-    """One photopeak's counts, its own TEW/DEW scatter estimate and the mu map at its energy."""
+def peak_data(bed: ProjectionStudy, windows: WindowChoice, mu: np.ndarray | None, smoothing_cm: float) -> PeakData:
+    """One photopeak's counts, its own TEW/DEW scatter estimate (smoothed by ``smoothing_cm``) and the mu map at its energy."""
     def counts(window):
         return None if window is None else bed.projections[window.index]
 
     scatter = tew_scatter(windows.peak.width_keV, counts(windows.lower), windows.lower.width_keV if windows.lower else None,
-                          counts(windows.upper), windows.upper.width_keV if windows.upper else None)
+                          counts(windows.upper), windows.upper.width_keV if windows.upper else None,
+                          bed_geometry(bed), smoothing_cm)
     return PeakData(windows.photopeak_keV, bed.projections[windows.peak.index], scatter, mu,
                     (windows.peak.lower_keV, windows.peak.upper_keV))
 
@@ -271,7 +280,7 @@ def ct_mu_volumes(study: Study) -> list[Volume | None]:
 
 
 def problem_of_bed(study: Study, bed: ProjectionStudy, mu_volumes, device: str = "auto", projector: str = "fast"):
-    peaks = [peak_data(bed, windows, None if mu is None else resample(mu, bed.affine, bed.object_shape))
+    peaks = [peak_data(bed, windows, None if mu is None else resample(mu, bed.affine, bed.object_shape), study.scatter_smoothing_cm)
              for windows, mu in zip(study.peaks, mu_volumes)]
     return build_problem(peaks, bed_geometry(bed), study.collimator, study.isotope, device, projector)
 
@@ -341,6 +350,7 @@ def reconstruct_study(study: Study, settings: Settings, events: Events | None = 
         + ["collimator_detector_response"],
         "calibration_cps_per_MBq": settings.calibration_cps_per_MBq, "calibration_name": settings.calibration_name,
         "detector_binning": settings.detector_binning,
+        "scatter_smoothing_cm": study.scatter_smoothing_cm,
         "decay_correction": study.decay.provenance(),
         "uncertainty": volume.uncertainty is not None,
         "frame_duration_s": first.frame_duration_s,

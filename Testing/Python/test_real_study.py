@@ -63,7 +63,9 @@ def parity_pair(real_study):
     with contextlib.redirect_stdout(io.StringIO()):
         object_meta, proj_meta = dicom.get_metadata(nm, index_peak=1)
         projections = dicom.get_projections(nm, index_peak=1)
-        scatter = dicom.get_energy_window_scatter_estimate(nm, index_peak=1, index_lower=3, index_upper=2)
+        sigma = settings.scatter_smoothing_cm  # the engine's default smoothing, done here by PyTomography's DICOM reader
+        scatter = dicom.get_energy_window_scatter_estimate(nm, index_peak=1, index_lower=3, index_upper=2,
+                                                           proj_meta=proj_meta, sigma_r=sigma, sigma_z=sigma)
         mu = dicom.get_attenuation_map_from_CT_slices(ct_files, nm, index_peak=1)
     psf = dicom.get_psfmeta_from_scanner_params("GI-MEGP", energy_keV=208, intrinsic_resolution_140keV=0.38)
     system = SPECTSystemMatrix(obj2obj_transforms=[SPECTAttenuationTransform(mu), SPECTPSFTransform(psf)],

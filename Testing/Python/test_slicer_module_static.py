@@ -146,6 +146,31 @@ def test_projector_combo_matches_the_module_choices_and_the_logic():
     assert texts[0].startswith("Fast") and texts[1].startswith("PyTomography")
 
 
+def test_every_widget_and_layout_name_is_unique():
+    """Slicer maps the .ui's object names to ``self.ui`` attributes: a repeated name hides a widget."""
+    names = [e.get("name") for e in _ui_tree().iter() if e.tag in ("widget", "layout") and e.get("name")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
+
+
+def test_no_two_items_of_a_layout_share_a_cell():
+    """Qt refuses a widget put into an occupied form-layout cell, so it would be missing from the panel."""
+    for layout in _ui_tree().iter("layout"):
+        cells = [(item.get("row"), item.get("column")) for item in layout.findall("item") if item.get("row") is not None]
+        assert sorted({c for c in cells if cells.count(c) > 1}) == [], layout.get("name")
+
+
+def test_scatter_smoothing_box_starts_at_the_engine_default_and_spans_its_range():
+    from sspect.pipeline import Settings
+
+    box = next(w for w in _ui_tree().iter("widget") if w.get("name") == "scatterSmoothingSpinBox")
+    value = {prop.get("name"): float(prop.findtext("double")) for prop in box.findall("property") if prop.find("double") is not None}
+    signature = next(node for node in ast.walk(ast.parse((LIB_DIR / "logic.py").read_text()))
+                     if isinstance(node, ast.FunctionDef) and node.name == "build_job").args
+    defaults = dict(zip([a.arg for a in signature.args][-len(signature.defaults):], signature.defaults))
+    assert value["value"] == ast.literal_eval(defaults["scatter_smoothing_cm"]) == Settings().scatter_smoothing_cm
+    assert (value["minimum"], value["maximum"]) == (0.0, 5.0)
+
+
 def test_method_parameters_have_a_form_container():
     """Parameters are built from the registry into a QFormLayout (no GUI code per method)."""
     container = next(w for w in _ui_tree().iter("widget") if w.get("name") == "parametersWidget")

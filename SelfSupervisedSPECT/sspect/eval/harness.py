@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import SSPECTError
+from ..physics.system import SCATTER_SMOOTHING_CM
 
 CLINICAL_SECONDS_PER_VIEW = 20.0
 
@@ -61,6 +62,7 @@ class HarnessConfig:
     collimator_code: str = "GI-MEGP"
     nema_shape: tuple = (72, 72, 48)  # 318 x 318 x 212 mm: the 300 x 230 mm body with margin
     torso_shape: tuple = (80, 80, 96)
+    scatter_smoothing_cm: float = SCATTER_SMOOTHING_CM  # the reconstructions' (the engine's default)
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,8 @@ def run_case(simulated: dict, case: Case, config: HarnessConfig, work_dir) -> Ca
         for method, params in case.methods:
             params = dict(params)
             settings = Settings(method=method, params=params, device="cpu", seed=case.realisation,
-                                calibration_cps_per_MBq=config.sensitivity_cps_per_MBq)
+                                calibration_cps_per_MBq=config.sensitivity_cps_per_MBq,
+                                scatter_smoothing_cm=config.scatter_smoothing_cm)
             iterates = []
             with contextlib.redirect_stdout(io.StringIO()):
                 study = load_study(nm, ct_files, settings)
@@ -179,7 +182,8 @@ def training_problems(specs, config: HarnessConfig, seconds_per_view, work_dir, 
         case = Case(spec, seconds, realisation, ())
         nm, ct_files, _ = write_case_study(simulate_expected(spec, config), case, config, Path(work_dir) / case.name)
         with contextlib.redirect_stdout(io.StringIO()):
-            problems.append(bed_problem(load_study(nm, ct_files, Settings(device="cpu")), device="cpu"))
+            study = load_study(nm, ct_files, Settings(device="cpu", scatter_smoothing_cm=config.scatter_smoothing_cm))
+            problems.append(bed_problem(study, device="cpu"))
     return problems
 
 
@@ -253,7 +257,9 @@ def config_dict(config: HarnessConfig) -> dict:
 
 
 def config_from_dict(values: dict) -> HarnessConfig:
-    """Inverse of :func:`config_dict` (JSON turns tuples into lists)."""
+    """Inverse of :func:`config_dict` (JSON turns tuples into lists). A report written before the
+    scatter estimate was smoothed lacks the key: its reconstructions were unsmoothed."""
+    values = {"scatter_smoothing_cm": 0.0, **values}
     return HarnessConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 

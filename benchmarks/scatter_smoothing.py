@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import io
 import json
 import tempfile
@@ -32,19 +31,23 @@ def main() -> int:
     args = parser.parse_args()
     import torch
 
-    from sspect.eval.harness import GRIDS, PhantomSpec, training_problems
+    from sspect.eval.harness import GRIDS, Case, PhantomSpec, simulate_expected, write_case_study
     from sspect.methods import get_method
+    from sspect.pipeline import Settings, bed_problem, load_study
 
     torch.set_num_threads(2)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     levels, sigmas = [float(s) for s in args.seconds.split(",")], [float(s) for s in args.sigmas.split(",")]
+    spec, config = PhantomSpec("torso", seed=args.seed), GRIDS["standard"]
+    simulated = simulate_expected(spec, config)
     rows = []
     for seconds in levels:
-        for sigma in sigmas:
-            config = dataclasses.replace(GRIDS["standard"], scatter_smoothing_cm=sigma)
-            with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stdout(io.StringIO()):
-                (problem,) = training_problems([PhantomSpec("torso", seed=args.seed)], config, seconds, folder)
+        with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stdout(io.StringIO()):
+            nm, ct_files, _ = write_case_study(simulated, Case(spec, seconds, 0, ()), config, Path(folder))
+            problems = {sigma: bed_problem(load_study(nm, ct_files, Settings(device="cpu", scatter_smoothing_cm=sigma)), device="cpu")
+                        for sigma in sigmas}
+        for sigma, problem in problems.items():
             image = get_method("osem").reconstruct(problem, {"iterations": 4, "subsets": 6}).image
             rows.append({"seconds_per_view": seconds, "sigma_cm": sigma, "total_per_second": float(image.sum() / seconds),
                          "photopeak_counts": float(problem.projections.sum()),

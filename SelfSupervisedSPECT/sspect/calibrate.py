@@ -64,7 +64,7 @@ def calibrate(nm_path, ct_source, settings: Settings, out_dir, name: str, activi
     record = {
         "name": name, "cps_per_MBq": sensitivity, "isotope": study.isotope.name, "collimator": study.collimator.name,
         "photopeaks_keV": [w.photopeak_keV for w in study.peaks], "method": provenance["method"], "params": provenance["params"],
-        "corrections": provenance["corrections"],
+        "corrections": provenance["corrections"], "scatter_smoothing_cm": study.scatter_smoothing_cm,
         "phantom": {"nm": str(nm_path), "activity_MBq": activity_MBq,
                     "activity_datetime": measured_at.isoformat() if measured_at else None,
                     "acquisition_datetime": acquired_at.isoformat() if acquired_at else None,

@@ -227,6 +227,11 @@ def with_stored_calibration(study: Study, settings: Settings) -> Settings:
     if record.get("method") != settings.method:
         study.warnings.append(f"The calibration '{record['name']}' was measured with {record.get('method')}, this image uses "
                               f"{settings.method}; their quantification can differ, so check it on the phantom.")
+    smoothing = float(record.get("scatter_smoothing_cm", 0.0))  # a record older than the setting was measured unsmoothed
+    if smoothing != study.scatter_smoothing_cm:
+        study.warnings.append(f"The calibration '{record['name']}' was measured with the scatter estimate smoothed by {smoothing:g} cm, "
+                              f"this image smooths it by {study.scatter_smoothing_cm:g} cm; at low phantom counts the sensitivity "
+                              "can differ by a few per cent, so recalibrate with the same setting.")
     return replace(settings, calibration_cps_per_MBq=float(record["cps_per_MBq"]))
 
 

@@ -14,6 +14,7 @@ import pytest
 from cli_outcomes import assert_refused, run_cli
 from sspect.io.calibrations import save_calibration, store_path, stored_calibrations
 from sspect.jobs import run_job
+from sspect.pipeline import Settings
 
 HALF_LIFE_DAYS = 6.647  # 177Lu, NNDC
 
@@ -45,6 +46,7 @@ def test_the_measured_sensitivity_is_the_simulated_one_and_is_used_by_name(capsy
     record = stored_calibrations()["GE670 Lu"]
     assert record["cps_per_MBq"] == pytest.approx(small_study["sensitivity_cps_per_mbq"], rel=0.05)
     assert (record["isotope"], record["collimator"], record["photopeaks_keV"], record["method"]) == ("177Lu", "GE-MEGP", [208.0], "osem")
+    assert record["scatter_smoothing_cm"] == Settings().scatter_smoothing_cm
     assert store_path() == store
 
     code, stderr = run_cli(capsys, "reconstruct", "--nm", small_study["nm"], "--ct", small_study["ct"], "--out", tmp_path / "patient",
@@ -109,6 +111,16 @@ def test_a_calibration_is_refused_where_it_does_not_belong(capsys, tmp_path, sto
     assert_refused(code, stderr, "already stored", "--overwrite")
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
     assert stored_calibrations()["Tc"]["cps_per_MBq"] == 80.0
+
+
+def test_a_calibration_measured_with_another_scatter_smoothing_is_used_with_a_warning(capsys, tmp_path, store, small_study):
+    save_calibration({"name": "old", "cps_per_MBq": 9.0, "isotope": "177Lu", "collimator": "GE-MEGP",
+                      "photopeaks_keV": [208.0], "method": "osem"})  # stored before the smoothing was recorded
+    options = ["--nm", small_study["nm"], "--iterations", "1", "--subsets", "6", "--calibration", "old", "--formats", "nrrd"]
+    code, stderr = run_cli(capsys, "reconstruct", *options, "--out", tmp_path / "default")
+    assert code == 0 and "smoothed by 0 cm" in stderr and "recalibrate" in stderr, stderr
+    code, stderr = run_cli(capsys, "reconstruct", *options, "--out", tmp_path / "unsmoothed", "--scatter-smoothing", "0")
+    assert code == 0 and "smoothed by" not in stderr, stderr
 
 
 def test_a_phantom_measured_after_its_scan_is_refused(capsys, tmp_path, store, small_study):

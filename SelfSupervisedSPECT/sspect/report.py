@@ -58,7 +58,7 @@ def write_report(path: Path, provenance: dict, volume: Volume, files: dict, stud
         f"- method: `{provenance['method']}` ({params})",
         f"- isotope: {provenance['isotope']['name']}; windows: " + "; ".join(
             f"{w['photopeak_keV']:g} keV photopeak {w['peak']['lower_keV']:.1f}-{w['peak']['upper_keV']:.1f} keV "
-            f"({w['scatter_method']} scatter correction)" for w in provenance["windows"]),
+            f"({w['scatter_method']} scatter correction{_smoothing(provenance, w)})" for w in provenance["windows"]),
         f"- corrections: {', '.join(provenance['corrections'])}; collimator {provenance['collimator']} "
         f"(PyTomography code {provenance['collimator_code']})",
         f"- device {provenance['device']}, seed {provenance['seed']}, run time {provenance['run_time_s']} s",
@@ -86,3 +86,11 @@ def write_report(path: Path, provenance: dict, volume: Volume, files: dict, stud
         lines += ["", "## Warnings"] + [f"- {w}" for w in provenance["warnings"]]
     lines += ["", "## Files"] + [f"- {kind}: `{Path(name).name}`" for kind, name in files.items()]
     write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def _smoothing(provenance: dict, window: dict) -> str:
+    """How the scatter-window estimate was smoothed (provenance written before it was recorded: nothing said)."""
+    sigma = provenance.get("scatter_smoothing_cm")
+    if window["scatter_method"] == "none" or sigma is None:
+        return ""
+    return f", its estimate smoothed by a {sigma:g} cm Gaussian in each view" if sigma > 0 else ", its estimate unsmoothed"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -90,7 +91,10 @@ def test_the_cli_and_the_job_file_take_the_smoothing(low_count_study, tmp_path, 
     path.write_text(json.dumps(job))
     assert main(["run-job", str(path)]) == 0
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert next(e for e in events if e["event"] == "result")["provenance"]["scatter_smoothing_cm"] == 0.5
+    result = next(e for e in events if e["event"] == "result")
+    assert result["provenance"]["scatter_smoothing_cm"] == 0.5
+    report = next(Path(f) for f in result["files"].values() if str(f).endswith("_report.md")).read_text()
+    assert "TEW scatter correction, its estimate smoothed by a 0.5 cm Gaussian in each view" in report
     assert main(["reconstruct", "--nm", str(low_count_study["nm"]), "--out", str(tmp_path / "cli"), "--iterations", "1",
                  "--subsets", "2", "--device", "cpu", "--formats", "nrrd", "--scatter-smoothing", "9"]) == 2
     assert "scatter smoothing" in capsys.readouterr().err

@@ -100,7 +100,6 @@ def tew_scatter(peak_width_keV: float, lower: np.ndarray | None, lower_width_keV
     estimate leaves the image total too high at low counts (docs/clinical-grid-report/scatter-smoothing)."""
     import pytomography
     import torch
-    from pytomography.metadata.SPECT import SPECTProjMeta
     from pytomography.utils import compute_EW_scatter
 
     first, second = ((lower, lower_width_keV), (upper, upper_width_keV)) if lower is not None else ((upper, upper_width_keV), (None, None))
@@ -110,9 +109,7 @@ def tew_scatter(peak_width_keV: float, lower: np.ndarray | None, lower_width_keV
     if smoothing_cm > 0:
         if geometry is None:
             raise SSPECTError("Smoothing the scatter estimate needs the detector geometry; give it or a smoothing of 0.")
-        proj_meta = SPECTProjMeta((int(first[0].shape[1]), int(first[0].shape[2])), tuple(float(v) for v in geometry.voxel_cm),
-                                  np.asarray(geometry.angles_deg, float), np.asarray(geometry.radii_cm, float))
-        sigma = float(smoothing_cm)
+        proj_meta, sigma = projection_metadata(geometry), float(smoothing_cm)
 
     def tensor(counts):
         return torch.from_numpy(np.ascontiguousarray(counts, dtype=np.float32)).to(pytomography.device)  # its kernels live there
@@ -131,6 +128,15 @@ def check_projector(name: str) -> str:
     return name
 
 
+def projection_metadata(geometry: Geometry):
+    """PyTomography's projection metadata of ``geometry``: detector [Lr, Lz] pixels, views and radii."""
+    from pytomography.metadata.SPECT import SPECTProjMeta
+
+    shape = tuple(int(s) for s in geometry.object_shape)
+    return SPECTProjMeta((shape[1], shape[2]), tuple(float(v) for v in geometry.voxel_cm),
+                         np.asarray(geometry.angles_deg, float), np.asarray(geometry.radii_cm, float))
+
+
 def build_system_matrix(geometry: Geometry, mu_map, collimator: Collimator, energy_keV: float,
                         projector: str = "fast", device="cpu"):
     """The system matrix of one photopeak: attenuation by ``mu_map`` (array, tensor or None) and
@@ -140,7 +146,7 @@ def build_system_matrix(geometry: Geometry, mu_map, collimator: Collimator, ener
     import pytomography
     import torch
     from pytomography.io.SPECT.dicom import get_psfmeta_from_scanner_params
-    from pytomography.metadata.SPECT import SPECTObjectMeta, SPECTProjMeta
+    from pytomography.metadata.SPECT import SPECTObjectMeta
     from pytomography.projectors.SPECT import SPECTSystemMatrix
     from pytomography.transforms.SPECT import SPECTAttenuationTransform, SPECTPSFTransform
 
@@ -149,8 +155,7 @@ def build_system_matrix(geometry: Geometry, mu_map, collimator: Collimator, ener
     dx_cm, dz_cm = (float(v) for v in geometry.voxel_cm)
     shape = tuple(int(s) for s in geometry.object_shape)
     object_meta = SPECTObjectMeta((dx_cm, dx_cm, dz_cm), shape)
-    proj_meta = SPECTProjMeta((shape[1], shape[2]), (dx_cm, dz_cm), np.asarray(geometry.angles_deg, float),
-                              np.asarray(geometry.radii_cm, float))
+    proj_meta = projection_metadata(geometry)
     psf_meta = get_psfmeta_from_scanner_params(collimator.code, energy_keV=float(energy_keV),
                                                intrinsic_resolution_140keV=collimator.intrinsic_resolution_140keV_cm)
     mu = None if mu_map is None else torch.as_tensor(np.ascontiguousarray(mu_map) if isinstance(mu_map, np.ndarray) else mu_map,
